@@ -1,0 +1,131 @@
+"""The `minigpt` command line: each command parses its inputs and calls one function of prepare_data.py,
+train.py or sample.py. Heavy modules (torch) are imported inside the commands, so `--help` is instant.
+
+Bad input anywhere (a UserError) ends as one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train GPT-style transformers from a terminal: prepare data, train, sample, resume.",
+)
+
+
+def one_line_errors(command):
+    """Turn a UserError raised by the command into `error: ...` on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from prepare_data import UserError
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@one_line_errors
+def prepare(
+    source: str = typer.Argument(..., help="'shakespeare', or a path to a .txt file or a folder of .txt files"),
+    tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus)"),
+    vocab_size: Optional[int] = typer.Option(None, help="vocabulary size for --tokenizer bpe"),
+    out: Optional[Path] = typer.Option(None, help="output folder [default: data/<source>_<tokenizer>]"),
+    input: Optional[Path] = typer.Option(None, "--input", help="a local copy of the 'shakespeare' corpus"),
+    val_fraction: float = typer.Option(0.1, help="share of the text, at its end, kept for validation"),
+    force: bool = typer.Option(False, "--force", help="overwrite an output folder prepared differently"),
+):
+    """Tokenize a corpus into data/<name>/ (train.bin, val.bin, meta.json) for training."""
+    import prepare_data
+
+    prepare_data.prepare(source, tokenizer=tokenizer, vocab_size=vocab_size, out=out, input_path=input,
+                         val_fraction=val_fraction, force=force)
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: Optional[Path] = typer.Argument(None, help="a TOML config, e.g. config/shakespeare_char.toml"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from ckpt.pt"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: --set optim.lr=6e-4 (repeatable)"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config as TOML and exit"),
+):
+    """Train a model from a config, or resume a run (Ctrl-C saves a checkpoint and stops)."""
+    from dataclasses import replace
+
+    from cli.config_loader import build_config, config_to_toml, load_config
+    from prepare_data import UserError
+
+    import train as trainer
+
+    checkpoint = None
+    if (config is None) == (resume is None):
+        raise UserError("pass a config file (minigpt train config/debug.toml) or --resume RUN_DIR, not both")
+    if resume is not None:
+        checkpoint = trainer.load_checkpoint(resume / "ckpt.pt" if resume.is_dir() else resume)
+        cfg = build_config(trainer.Config, checkpoint["config"], set_)
+        run_dir = resume if resume.is_dir() else resume.parent
+        cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))  # the run continues where it lies
+    else:
+        cfg = load_config(trainer.Config, config, set_)
+    if print_config:
+        typer.echo(config_to_toml(cfg), nl=False)
+        return
+    trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(cfg))
+
+
+@app.command()
+@one_line_errors
+def sample(
+    run_dir: Path = typer.Argument(..., help="a run folder written by `minigpt train`"),
+    prompt: str = typer.Option("", help="text to continue [default: start of text]"),
+    prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this file"),
+    num_samples: int = typer.Option(1, help="how many samples to generate"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="tokens per sample"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy; lower is more conservative"),
+    top_k: Optional[int] = typer.Option(None, help="sample among the k most likely tokens (0 = all)"),
+    top_p: Optional[float] = typer.Option(None, help="nucleus sampling threshold (1 = off)"),
+    seed: Optional[int] = typer.Option(None, help="random seed: the same seed gives the same text"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    checkpoint: str = typer.Option("latest", help="latest (ckpt.pt) | best (best.pt)"),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="recompute the whole context every token"),
+):
+    """Generate text from a trained run, streaming it to the terminal."""
+    from prepare_data import UserError
+
+    import sample as sampler
+
+    if prompt_file is not None:
+        if prompt:
+            raise UserError("pass --prompt or --prompt-file, not both")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {num_samples}")
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    try:  # options left out take SampleConfig's defaults: one place defines them
+        sc = sampler.SampleConfig(**{k: v for k, v in given.items() if v is not None}, kv_cache=not no_kv_cache)
+    except ValueError as e:
+        raise UserError(f"--{str(e).replace('_', '-')}") from None
+    run = sampler.load_for_inference(run_dir, checkpoint=checkpoint, device=device)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    sampler.sample(run, prompt, num_samples, sc, write=write)

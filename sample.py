@@ -1,0 +1,172 @@
+"""Sampling, top to bottom: options, loading a run for inference, choosing the next token, and the
+decode loop (prefill the prompt into the KV cache, then one token per step).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache
+from prepare_data import Tokenizer, UserError, load_tokenizer
+from train import Runtime, load_checkpoint, setup_runtime, RunConfig
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    max_new_tokens: int = 500  # tokens generated per sample
+    temperature: float = 0.8  # < 1 sharpens the distribution, > 1 flattens it; 0 = greedy (argmax)
+    top_k: int = 200  # sample among the k most likely tokens only; 0 = no limit
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches p; 1 = no limit
+    seed: int = 1337  # the same seed gives the same text
+    kv_cache: bool = True  # False recomputes the whole context every token (for comparison)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class LoadedRun:
+    model: GPT
+    tokenizer: Tokenizer
+    rt: Runtime
+    step: int
+
+
+def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: str = "auto") -> LoadedRun:
+    """The model (eval mode, on the device) and tokenizer of a run, from ckpt.pt ('latest') or best.pt."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; train one with `minigpt train CONFIG`")
+    names = {"latest": "ckpt.pt", "best": "best.pt"}
+    if checkpoint not in names:
+        raise UserError(f"--checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+    path = run_dir / names[checkpoint]
+    if checkpoint == "best" and not path.exists() and (run_dir / "ckpt.pt").exists():
+        raise UserError(f"{run_dir} has no best.pt yet (no evaluation has run); use --checkpoint latest")
+    state = load_checkpoint(path)
+    rt = setup_runtime(RunConfig(device=device))
+    model = GPT(GPTConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"])
+    model.to(rt.device).eval()
+    return LoadedRun(model, load_tokenizer(state["tokenizer"]), rt, state["step"])
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B, 1). Runs on the logits' device; no host sync."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_size: int, *, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, kv_cache: bool = True,
+                 rt: Runtime | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next tokens (B, 1), the logits they were drawn from (B, vocab_size)) once per new token.
+
+    With the cache: prefill the prompt, then feed one token per step. Learned positions end at block_size, so
+    once the context is full every position shifts by one each step and the cache cannot simply slide: it is
+    rebuilt from the last block_size tokens, which is exactly what the uncached path computes.
+    """
+    block_size = model.config.block_size
+    autocast = rt.autocast() if rt is not None else torch.autocast("cpu", enabled=False)
+    idx = prompt[:, -block_size:]
+    cache = KVCache(model.config, prompt.size(0), device=prompt.device,
+                    dtype=next(model.parameters()).dtype) if kv_cache else None
+    fresh = True  # the cache holds nothing of idx yet
+    for _ in range(max_new_tokens):
+        with autocast:
+            if cache is None:
+                logits = model(idx[:, -block_size:])[0]
+            elif fresh or cache.length == block_size:
+                cache.reset()
+                logits = model(idx[:, -block_size:], kv_cache=cache)[0]  # prefill (or rebuild): explicit positions 0..T-1
+                fresh = False
+            else:
+                logits = model(idx[:, -1:], kv_cache=cache)[0]  # decode: the newest token against the cache
+        logits = logits[:, -1, :vocab_size].float()  # padded vocabulary rows are never sampled
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, token], dim=1)
+        yield token, logits
+
+
+def generate(model: GPT, prompt: torch.Tensor, vocab_size: int, sc: SampleConfig, *,
+             generator: torch.Generator | None = None, rt: Runtime | None = None,
+             stop_token: int | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Generate for a single prompt (1, T); return the new token ids, stopping early at `stop_token`."""
+    out = []
+    for token, _ in decode_steps(model, prompt, sc.max_new_tokens, vocab_size, temperature=sc.temperature,
+                                 top_k=sc.top_k, top_p=sc.top_p, generator=generator, kv_cache=sc.kv_cache, rt=rt):
+        t = token.item()  # one host sync per token, to stream the text
+        if t == stop_token:
+            break
+        out.append(t)
+        if on_token is not None:
+            on_token(t)
+    return out
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The prompt's ids; an empty prompt starts from end-of-text, or a newline where there is none."""
+    if text:
+        return tokenizer.encode(text)
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode("\n")
+    except UserError:
+        return [0]
+
+
+def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
+           write: Callable[[str], None] = print) -> list[str]:
+    """Generate num_samples texts from the prompt, streaming each through `write` as it is produced."""
+    ids = encode_prompt(run.tokenizer, prompt)
+    x = torch.tensor([ids], dtype=torch.long, device=run.rt.device)
+    generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
+    texts = []
+    for i in range(num_samples):
+        if i:
+            write("\n" + "-" * 40 + "\n")
+        write(prompt)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a UTF-8 character
+        new = generate(run.model, x, run.tokenizer.vocab_size, sc, generator=generator, rt=run.rt,
+                       stop_token=run.tokenizer.eot_token,
+                       on_token=lambda t: write(decoder.decode(run.tokenizer.decode_bytes([t]))))
+        write(decoder.decode(b"", final=True))
+        texts.append(prompt + run.tokenizer.decode(new))
+    write("\n")
+    return texts
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cli.main import app
+
+    app(["sample", *sys.argv[1:]], prog_name="sample.py")

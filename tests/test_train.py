@@ -1,0 +1,187 @@
+"""train.py: lr schedule, optimizer groups, learning, exact resume, checkpoints, logging, bad input."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train
+from conftest import read_metrics, tiny_config
+from model import GPT, GPTConfig
+from prepare_data import UserError
+
+
+def test_lr_schedule_endpoints():
+    o = train.OptimConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert train.lr_at(0, o, 999) == pytest.approx(1e-3 / 11)
+    assert train.lr_at(9, o, 999) == pytest.approx(1e-3 * 10 / 11)
+    assert train.lr_at(10, o, 999) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert train.lr_at(60, o, 999) == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint
+    assert train.lr_at(110, o, 999) == pytest.approx(1e-4)
+    assert train.lr_at(5000, o, 999) == pytest.approx(1e-4)
+    follow = replace(o, lr_decay_iters=0)  # 0 follows max_iters
+    assert train.lr_at(60, follow, 110) == pytest.approx(train.lr_at(60, o, 999))
+    lrs = [train.lr_at(s, o, 999) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    opt = train.configure_optimizer(m, train.OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # every parameter in exactly one group (the tied embedding counted once)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 20, (4, 16))
+    y = torch.randint(0, 20, (4, 16))
+    for _ in range(150):
+        loss = m(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05  # log(20) = 3.0 at the start
+
+
+def test_training_lowers_loss_and_writes_run(char_data, tmp_path):
+    cfg = tiny_config(char_data, tmp_path / "run", train=dict(max_iters=30, eval_interval=10, eval_iters=4))
+    result = train.train(cfg, config_text="# resolved\n")
+    assert result.step == 30 and result.stopped_by is None
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in evals)
+    assert result.best_val_loss == min(r["val_loss"] for r in evals)
+    assert (tmp_path / "run" / "config.toml").read_text() == "# resolved\n"
+    ckpt = train.load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 30 and ckpt["best_val_loss"] == result.best_val_loss
+    assert ckpt["config"]["model"]["vocab_size"] > 0 and ckpt["tokenizer"]["kind"] == "char"
+    best = train.load_checkpoint(tmp_path / "run" / "best.pt")
+    best_step = min(evals, key=lambda r: r["val_loss"])["step"]
+    assert best["step"] == best_step
+
+
+def weights(run_dir):
+    return train.load_checkpoint(run_dir)["model"]
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"train": {"grad_accum": 2}},
+    {"model": {"dropout": 0.2}},
+    {"run": {"dtype": "bfloat16"}},
+], ids=["plain", "grad_accum", "dropout", "bf16"])
+def test_resume_is_exact(char_data, tmp_path, sections):
+    """N steps straight == N/2 steps, a checkpoint, a resume, N/2 steps: loss by loss, weight by weight."""
+    def cfg(out, max_iters):
+        merged = {k: dict(v) for k, v in sections.items()}
+        merged.setdefault("train", {}).update(max_iters=max_iters, eval_interval=3)
+        merged.setdefault("optim", {}).update(lr_decay_iters=10)  # the schedule must not depend on max_iters
+        return tiny_config(char_data, out, **merged)
+
+    train.train(cfg(tmp_path / "straight", 10))
+    train.train(cfg(tmp_path / "split", 5))  # stops at 5: a checkpoint between evals (3 and 6)
+    ckpt = train.load_checkpoint(tmp_path / "split")
+    assert ckpt["step"] == 5
+    train.train(cfg(tmp_path / "split", 10), checkpoint=ckpt)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path / run) if "loss" in r]
+
+    assert losses("split") == losses("straight")
+    def evals(run):  # the first leg also evaluates at its last step, 5; compare the steps both runs share
+        return {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / run) if "val_loss" in r and r["step"] != 5}
+
+    assert evals("split") == evals("straight") and sorted(evals("straight")) == [3, 6, 9, 10]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_compiled_model_saves_raw_weights(char_data, tmp_path, monkeypatch):
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: eager_compile(m, backend="eager"))  # fast on CPU
+    cfg = tiny_config(char_data, tmp_path / "run", run={"compile": True}, train={"max_iters": 2})
+    train.train(cfg)
+    state = train.load_checkpoint(tmp_path / "run")
+    model = GPT(GPTConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"], strict=True)  # no _orig_mod. prefixes
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+
+
+def test_float16_uses_a_grad_scaler_and_saves_it(char_data, tmp_path):
+    cfg = tiny_config(char_data, tmp_path / "run", run={"dtype": "float16"}, train={"max_iters": 3})
+    train.train(cfg)
+    state = train.load_checkpoint(tmp_path / "run")
+    assert state["scaler"] and state["scaler"]["scale"] > 0
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(2)}})
+
+    def crash(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.zeros(2)}})
+    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_user_error(tmp_path, damage):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(1000)}})
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
+    with pytest.raises(UserError, match="corrupt"):
+        train.load_checkpoint(path)
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "ckpt.pt"
+    with open(path, "wb") as f:
+        torch.save({"version": 1, "model": Evil()}, f, pickle_module=pickle)
+    with pytest.raises(UserError):
+        train.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_bad_inputs(char_data, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train.load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(UserError, match="meta.json|prepare"):
+        train.train(tiny_config(tmp_path / "no_such_data", tmp_path / "run"))
+    with pytest.raises(UserError, match="vocab_size"):
+        train.train(tiny_config(char_data, tmp_path / "run", model={"vocab_size": 7}))
+    assert not (tmp_path / "run").exists()
+    cfg = tiny_config(char_data, tmp_path / "run", train={"max_iters": 1})
+    train.train(cfg)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError, match="--resume"):  # never overwrite a run by starting a new one on top
+        train.train(cfg)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    with pytest.raises(UserError, match="block_size"):
+        train.train(tiny_config(char_data, tmp_path / "big", model={"block_size": 10**7}))
