@@ -1,0 +1,198 @@
+"""The command line, end to end: prepare -> train -> sample -> interrupt -> resume, and every bad input
+ending as one line on stderr with exit code 2 and nothing on disk changed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.config_loader import load_config
+from cli.main import app
+from conftest import REPO_ROOT, read_metrics
+
+CONFIGS = sorted((REPO_ROOT / "config").glob("*.toml"))
+
+
+def minigpt(*args, cwd, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def debug_args(data_dir, out_dir, *extra):
+    return ["train", REPO_ROOT / "config" / "debug.toml", "--set", f"data.dir={data_dir}",
+            "--set", f"run.out_dir={out_dir}", *extra]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds(path):
+    import train
+    from model import GPT
+
+    cfg = load_config(train.Config, path)
+    assert cfg.data.dir.startswith("data/") and cfg.run.out_dir.startswith("out/")
+    from dataclasses import replace
+
+    GPT(replace(cfg.model, vocab_size=65))  # the shapes are consistent
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = "import sys; from cli.main import app; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+    for script in ("train.py", "sample.py", "prepare_data.py"):
+        out = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and "Usage" in out.stdout, script
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert all(cmd in out.stdout for cmd in ("prepare", "train", "sample"))
+
+
+def test_print_config_prints_the_resolved_toml(tmp_path):
+    import tomllib
+
+    result = CliRunner().invoke(app, ["train", str(REPO_ROOT / "config" / "debug.toml"), "--set", "optim.lr=2",
+                                      "--set", "model.n_layer=3", "--print-config"])
+    assert result.exit_code == 0, result.output
+    resolved = tomllib.loads(result.stdout)
+    assert resolved["optim"]["lr"] == 2.0 and resolved["model"]["n_layer"] == 3
+    assert resolved["train"]["max_iters"] == 40  # from the file
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_end_to_end_with_interrupt_and_resume(corpus_path, tmp_path):
+    # prepare
+    r = minigpt("prepare", corpus_path, "--tokenizer", "char", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = next((tmp_path / "data").iterdir())
+    assert {p.name for p in data.iterdir()} >= {"train.bin", "val.bin", "meta.json"}
+    r = minigpt("prepare", corpus_path, "--tokenizer", "char", cwd=tmp_path)
+    assert r.returncode == 0 and "reusing" in r.stderr
+
+    # train the debug config, uninterrupted, as the reference
+    common = ["--set", "train.max_iters=300", "--set", "log.interval=1", "--set", "train.eval_interval=100"]
+    r = minigpt(*debug_args(data, tmp_path / "straight", *common), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "straight" / "config.toml").exists() and (tmp_path / "straight" / "best.pt").exists()
+
+    # sample: streamed text, greedy with and without the cache agree
+    greedy = ["sample", tmp_path / "straight", "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "80"]
+    cached = minigpt(*greedy, cwd=tmp_path)
+    plain = minigpt(*greedy, "--no-kv-cache", cwd=tmp_path)
+    assert cached.returncode == 0 and plain.returncode == 0, cached.stderr + plain.stderr
+    assert cached.stdout.startswith("ROMEO:") and len(cached.stdout) == len("ROMEO:") + 80 + 1  # 80 chars, a newline
+    assert cached.stdout == plain.stdout
+    seeded = ["sample", tmp_path / "straight", "--seed", "7", "--max-new-tokens", "50", "--num-samples", "2"]
+    assert minigpt(*seeded, cwd=tmp_path).stdout == minigpt(*seeded, cwd=tmp_path).stdout
+
+    # the same run, stopped by Ctrl-C part way, then resumed
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "interrupted.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, debug_args(data, tmp_path / "split", *common))],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while "step     30/" not in (tmp_path / "interrupted.log").read_text() and time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "interrupted.log").read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    output = (tmp_path / "interrupted.log").read_text()
+    assert "SIGINT" in output and f"minigpt train --resume {tmp_path / 'split'}" in output
+    stopped_at = json.loads((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 30 <= stopped_at < 300, "the interrupt came too late to test a resume"
+    r = minigpt("train", "--resume", tmp_path / "split", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at step {stopped_at}" in r.stdout
+
+    def losses(run):
+        return [(m["step"], m["loss"]) for m in read_metrics(tmp_path / run) if "loss" in m]
+
+    assert losses("split") == losses("straight")  # every step, the final one included
+
+
+@pytest.fixture(scope="module")
+def workspace(char_data, tmp_path_factory):
+    """A trained debug run next to its data, for the bad-input tests."""
+    root = tmp_path_factory.mktemp("ws")
+    result = CliRunner().invoke(app, [str(a) for a in debug_args(char_data, root / "run", "--set", "train.max_iters=4")])
+    assert result.exit_code == 0, result.output
+    return root, char_data
+
+
+def snapshot(*dirs):
+    return {p: p.read_bytes() for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+BAD = {
+    "missing config": (["train", "config/nope.toml"], "not found"),
+    "unknown key": (["train", "{debug}", "--set", "optim.learning_rate=1"], "did you mean 'optim.lr'"),
+    "ill-typed key": (["train", "{debug}", "--set", "optim.lr=fast"], "optim.lr"),
+    "bad value": (["train", "{debug}", "--set", "model.n_embd=33"], "divisible by n_head"),
+    "negative lr": (["train", "{debug}", "--set", "optim.lr=-1"], "lr must be > 0"),
+    "missing data dir": (["train", "{debug}", "--set", "data.dir={root}/nodata", "--set", "run.out_dir={root}/new"],
+                         "minigpt prepare"),
+    "vocab disagrees": (["train", "{debug}", "--set", "data.dir={data}", "--set", "model.vocab_size=7",
+                         "--set", "run.out_dir={root}/new"], "vocab_size"),
+    "existing run": (["train", "{debug}", "--set", "data.dir={data}", "--set", "run.out_dir={root}/run"], "--resume"),
+    "resume without checkpoint": (["train", "--resume", "{root}/empty"], "no checkpoint"),
+    "sample without checkpoint": (["sample", "{root}/empty"], "no checkpoint"),
+    "sample missing run": (["sample", "{root}/nowhere"], "does not exist"),
+    "corrupt checkpoint": (["sample", "{root}/corrupt"], "corrupt"),
+    "resume corrupt checkpoint": (["train", "--resume", "{root}/corrupt"], "corrupt"),
+    "max_new_tokens 0": (["sample", "{root}/run", "--max-new-tokens", "0"], "max-new-tokens"),
+    "missing prompt file": (["sample", "{root}/run", "--prompt-file", "{root}/none.txt"], "prompt-file"),
+    "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
+    "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
+    "bad tokenizer": (["prepare", "shakespeare", "--tokenizer", "words"], "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, case):
+    root, data = workspace
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "corrupt").mkdir(exist_ok=True)
+    (root / "corrupt" / "ckpt.pt").write_bytes(b"\x00PK garbage" * 100)
+    args, expected = BAD[case]
+    args = [a.format(root=root, data=data, debug=REPO_ROOT / "config" / "debug.toml") for a in args]
+    before = snapshot(root, data)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" or case in ("existing run",)  # the run may have printed nothing else
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert snapshot(root, data) == before
+    assert not (root / "new").exists() and not (root / "d").exists()
+
+
+def test_bad_input_through_a_real_process_has_no_traceback(tmp_path):
+    r = minigpt("train", REPO_ROOT / "config" / "debug.toml", "--set", "modle.n_layer=2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: unknown section 'modle' (did you mean 'model'?); sections are: model, data, optim, train, run, log"
+
+
+def test_readme_documents_every_config_key_with_its_default():
+    import dataclasses
+    import re
+
+    import train
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    for section in dataclasses.fields(train.Config):
+        defaults = section.default_factory()
+        for f in dataclasses.fields(defaults):
+            key, default = f"{section.name}.{f.name}", getattr(defaults, f.name)
+            row = re.search(rf"^\| `{re.escape(key)}` \| ([^|]*) \| \S", readme, re.M)
+            assert row, f"README's config reference lacks {key}"
+            shown = row.group(1).strip()
+            if isinstance(default, bool):
+                assert shown == str(default).lower(), key
+            elif isinstance(default, (int, float)):
+                assert float(shown) == default, key
+            else:
+                assert shown == (default or '""'), key

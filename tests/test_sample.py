@@ -1,0 +1,126 @@
+"""sample.py: cached == uncached decoding (past block_size too), token sampling rules, seeds, loading a run."""
+
+import pytest
+import torch
+
+import sample
+import train
+from conftest import tiny_config
+from model import GPT, GPTConfig
+from prepare_data import UserError
+
+
+def tiny_model(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=32)
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def run_steps(model, prompt, n, kv_cache, **kw):
+    tokens, logits = [], []
+    for token, lg in sample.decode_steps(model, prompt, n, model.config.vocab_size, kv_cache=kv_cache, **kw):
+        tokens.append(token)
+        logits.append(lg)
+    return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 12])
+def test_cached_greedy_equals_uncached_past_block_size(prompt_len):
+    model = tiny_model()
+    prompt = torch.randint(0, 50, (2, prompt_len))
+    n = 30  # well past block_size = 12: the window slides and the cache is rebuilt
+    cached_tokens, cached_logits = run_steps(model, prompt, n, kv_cache=True, temperature=0)
+    plain_tokens, plain_logits = run_steps(model, prompt, n, kv_cache=False, temperature=0)
+    assert torch.equal(cached_tokens, plain_tokens)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_tokens_and_different_seed_differs():
+    model = tiny_model()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return run_steps(model, prompt, 40, kv_cache=True, temperature=1.0, generator=g)[0]
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_sample_next_token_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample.sample_next_token(logits, temperature=0).item() == 1  # greedy
+    g = torch.Generator().manual_seed(0)
+    top2 = {sample.sample_next_token(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert top2 == {1, 3}
+    # probabilities ~ [0.03, 0.64, 0.09, 0.24]: top_p 0.7 keeps tokens 1 and 3, top_p 0.5 only token 1
+    assert {sample.sample_next_token(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(200)} == {1, 3}
+    assert {sample.sample_next_token(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(50)} == {1}
+    everything = {sample.sample_next_token(logits, 5.0, generator=g).item() for _ in range(400)}
+    assert everything == {0, 1, 2, 3}
+
+
+def test_padded_vocabulary_is_never_sampled():
+    model = tiny_model(vocab_size=5)  # padded to 64 rows
+    assert model.config.padded_vocab_size == 64
+    with torch.no_grad():  # make the padded rows the most likely by far
+        model.lm_head.weight[5:] = model.lm_head.weight[5:] * 0 + 1.0
+    g = torch.Generator().manual_seed(0)
+    tokens, logits = run_steps(model, torch.zeros(1, 1, dtype=torch.long), 50, kv_cache=True,
+                               temperature=2.0, generator=g)
+    assert logits.shape[-1] == 5 and tokens.max().item() < 5
+    assert run_steps(model, torch.zeros(1, 1, dtype=torch.long), 5, kv_cache=True, temperature=0)[0].max() < 5
+
+
+def test_generate_respects_max_tokens_and_stop_token():
+    model = tiny_model()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    sc = sample.SampleConfig(max_new_tokens=17, temperature=0)
+    out = sample.generate(model, prompt, 50, sc)
+    assert len(out) == 17
+    streamed = []
+    stopped = sample.generate(model, prompt, 50, sc, stop_token=out[4], on_token=streamed.append)
+    assert stopped == out[:out.index(out[4])] == streamed
+
+
+def test_sample_config_validation():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample.SampleConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample.SampleConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample.SampleConfig(temperature=-1)
+
+
+@pytest.fixture(scope="module")
+def trained_run(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train.train(tiny_config(char_data, out, train=dict(max_iters=20, eval_interval=10, eval_iters=2)))
+    return out
+
+
+def test_load_and_sample_a_run(trained_run):
+    run = sample.load_for_inference(trained_run)
+    assert run.step == 20 and run.tokenizer.spec["kind"] == "char"
+    sc = sample.SampleConfig(max_new_tokens=40, temperature=0.9, seed=3)
+    pieces = []
+    texts = sample.sample(run, "ROMEO:", 2, sc, write=pieces.append)
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 40 for t in texts)
+    assert texts[0] in "".join(pieces) and texts[1] in "".join(pieces)  # what was streamed is what was returned
+    assert texts == sample.sample(run, "ROMEO:", 2, sc, write=lambda s: None)  # same seed, same text
+    no_cache = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0, kv_cache=False),
+                             write=lambda s: None)
+    cached = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0), write=lambda s: None)
+    assert cached == no_cache
+
+
+def test_load_bad_runs(trained_run, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        sample.load_for_inference(tmp_path / "missing")
+    with pytest.raises(UserError, match="no checkpoint"):
+        sample.load_for_inference(tmp_path)
+    with pytest.raises(UserError, match="latest"):
+        sample.load_for_inference(trained_run, checkpoint="newest")
+    run = sample.load_for_inference(trained_run)
+    with pytest.raises(UserError, match="'€'"):
+        sample.encode_prompt(run.tokenizer, "a€b")
