@@ -499,7 +499,8 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as e:
-            raise UserError(f"the checkpoint's weights do not fit the configured model ({str(e).splitlines()[1].strip()}); "
+            detail = " ".join(str(e).split())[:300]
+            raise UserError(f"the checkpoint's weights do not fit the configured model ({detail}); "
                             "do not change [model] shapes when resuming") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):

@@ -73,7 +73,7 @@ def train(
 
     checkpoint = None
     if (config is None) == (resume is None):
-        raise UserError("pass a config file (minigpt train config/debug.toml) or --resume RUN_DIR, not both")
+        raise UserError("pass either a config file (minigpt train config/debug.toml) or --resume RUN_DIR")
     if resume is not None:
         checkpoint = trainer.load_checkpoint(resume / "ckpt.pt" if resume.is_dir() else resume)
         cfg = build_config(trainer.Config, checkpoint["config"], set_)

@@ -185,3 +185,46 @@ def test_bad_inputs(char_data, tmp_path):
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
     with pytest.raises(UserError, match="block_size"):
         train.train(tiny_config(char_data, tmp_path / "big", model={"block_size": 10**7}))
+
+
+def test_sigterm_saves_and_stops_after_the_current_step(char_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_step = train.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of training, as from `kill`
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = train.train(tiny_config(char_data, tmp_path / "run", train={"max_iters": 50}))
+    assert result.stopped_by == "SIGTERM" and result.step == 3
+    assert train.load_checkpoint(tmp_path / "run")["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored after the run
+
+
+def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
+    train.train(tiny_config(char_data, tmp_path / "run", train={"max_iters": 2}))
+    ckpt = train.load_checkpoint(tmp_path / "run")
+    with pytest.raises(UserError, match="do not fit"):
+        train.train(tiny_config(char_data, tmp_path / "run", model={"n_embd": 64}, train={"max_iters": 4}),
+                    checkpoint=ckpt)
+
+
+def test_wandb_offline_logs_the_run_and_is_untouched_when_off(char_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` now fails
+    train.train(tiny_config(char_data, tmp_path / "off", train={"max_iters": 2}))
+    monkeypatch.undo()
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train.train(tiny_config(char_data, tmp_path / "on", train={"max_iters": 2}, log={"wandb": True}))
+    runs = list((tmp_path / "on" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
