@@ -96,8 +96,8 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     block_size = model.config.block_size
     autocast = rt.autocast() if rt is not None else torch.autocast("cpu", enabled=False)
     idx = prompt[:, -block_size:]
-    cache = KVCache(model.config, prompt.size(0), device=prompt.device,
-                    dtype=next(model.parameters()).dtype) if kv_cache else None
+    cache_dtype = rt.dtype if rt is not None else next(model.parameters()).dtype  # keys and values come out of autocast
+    cache = KVCache(model.config, prompt.size(0), device=prompt.device, dtype=cache_dtype) if kv_cache else None
     fresh = True  # the cache holds nothing of idx yet
     for _ in range(max_new_tokens):
         with autocast:
