@@ -486,14 +486,15 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
         raise UserError(f"the checkpoint's tokenizer differs from the one in {cfg.data.dir}/meta.json; "
                         "resume with the data the run was trained on (--set data.dir=...)")
 
+    batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model.block_size, rt.device,
+                      seed=cfg.run.seed)
+    Batches(cfg.data.dir, meta, "val", 1, cfg.model.block_size, rt.device, seed=0)  # val is long enough too
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model.block_size, rt.device,
-                      seed=cfg.run.seed)
     step, best_val_loss, tokens_seen = 0, float("inf"), 0
     if checkpoint is not None:
         try:

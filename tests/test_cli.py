@@ -196,3 +196,21 @@ def test_readme_documents_every_config_key_with_its_default():
                 assert float(shown) == default, key
             else:
                 assert shown == (default or '""'), key
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2"])
+def test_subword_tokenizers_prepare_train_and_sample(corpus_path, tmp_path, tokenizer, has_gpt2_cache):
+    if tokenizer == "gpt2" and not has_gpt2_cache:
+        pytest.skip("no offline tiktoken cache for GPT-2")
+    runner = CliRunner()
+    extra = ["--vocab-size", "300"] if tokenizer == "bpe" else []
+    r = runner.invoke(app, ["prepare", str(corpus_path), "--tokenizer", tokenizer, "--out", str(tmp_path / "d"), *extra])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    r = runner.invoke(app, [str(a) for a in debug_args(tmp_path / "d", tmp_path / "run", "--set", "train.max_iters=3")])
+    assert r.exit_code == 0, r.output
+    state = __import__("train").load_checkpoint(tmp_path / "run")
+    assert state["config"]["model"]["vocab_size"] == meta["vocab_size"]
+    assert state["model"]["wte.weight"].shape[0] % 64 == 0  # padded for speed
+    r = runner.invoke(app, ["sample", str(tmp_path / "run"), "--prompt", "Thou art", "--max-new-tokens", "20"])
+    assert r.exit_code == 0 and r.stdout.startswith("Thou art") and len(r.stdout) > len("Thou art") + 5, r.output
