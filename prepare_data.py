@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -244,6 +244,38 @@ BPE_RANKS_FILE = "tokenizer.tiktoken"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
+def write_temp(folder: Path, name: str, write: Callable[[BinaryIO], object]) -> str:
+    """Write `name`'s new contents through `write(f)` into a temporary file in `folder`, fsynced; return its path."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` so that a crash at any moment leaves the old file or the new one, never a part of one:
+    a temporary file beside it, fsynced, renamed over it, and the rename made durable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_temp(path.parent, path.name, write)
+    try:
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def dtype_name_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
@@ -359,12 +391,7 @@ def write_dataset(out_dir: str | Path, train_ids, val_ids, meta: dict) -> dict:
     tmp: dict[str, str] = {}
     try:
         for name, write in contents.items():
-            fd, tmp[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp[name], 0o644)
+            tmp[name] = write_temp(out_dir, name, write)
         (out_dir / META_FILE).unlink(missing_ok=True)
         if not bpe:
             (out_dir / BPE_RANKS_FILE).unlink(missing_ok=True)  # stale from an earlier bpe run
@@ -414,18 +441,6 @@ def _download(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
         return r.read()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def shakespeare_cache_path(data_root: Path = DATA_ROOT) -> Path:
     return Path(data_root) / "shakespeare" / "input.txt"
 
@@ -460,7 +475,7 @@ def _shakespeare(input_path, data_root: Path, log: Log) -> Source:
                     f"the downloaded tiny-Shakespeare corpus has sha256 {_sha256(data)[:16]}..., expected {SHAKESPEARE_SHA256[:16]}...; "
                     "pass a verified local copy with --input PATH"
                 )
-            _atomic_write_bytes(path, data)
+            atomic_write(path, lambda f: f.write(data))
             log(f"saved the corpus to {path}")
     return Source("shakespeare", f"shakespeare (tiny-Shakespeare, {SHAKESPEARE_URL})", str(path.resolve()),
                   data.decode("utf-8"), SHAKESPEARE_SHA256, len(data))

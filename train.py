@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
-from prepare_data import UserError, open_split, read_meta
+from prepare_data import UserError, atomic_write, open_split, read_meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,46 +221,19 @@ def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary file, fsynced and renamed, so a crash never leaves a broken one;
+# Checkpoints: written atomically (a temporary file, fsynced, renamed), so a crash never leaves a broken one;
 # loaded with weights_only=True, so a crafted file cannot run code.
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
+    with open(src, "rb") as source:
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
