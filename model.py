@@ -1,42 +1,64 @@
-"""The GPT model, top to bottom: config, KV cache, attention, MLP, block, GPT.
+"""The GPT model, top to bottom: config, positions, KV cache, attention, MLP and experts, block, GPT.
 
 Pure PyTorch: no device choice, autocast, compile, DDP or logging here (train.py and sample.py do that),
 so the same module trains, samples and is tested on the CPU in float32.
 
-Shapes, named once for the whole file:
+Today's GPT-2 block is the default; every other design choice is one field of `GPTConfig`, acting in one
+place. Shapes, named once for the whole file:
     B  batch size            T  new tokens in this call (queries)
-    C  n_embd                S  keys attended to: the tokens cached before this call plus the T new ones
-    nh n_head                hs head size, C // nh
-    V  padded vocabulary size
+    C  n_embd                S  keys attended to: the cached ones kept plus the T new ones
+    nh n_head                kvh n_kv_head (key/value heads; nh for plain multi-head attention)
+    hs head size, C // nh    V  padded vocabulary size       E  experts
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 0  # 0 = take it from the data's meta.json (train.py fills it in)
-    block_size: int = 256  # longest context; learned position embeddings end here
+    block_size: int = 256  # training context; learned position embeddings end here
     n_layer: int = 6  # nanoGPT's "baby GPT" shapes: small enough for a laptop, big enough to learn
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0  # 0 for large data; 0.1-0.2 keeps a small corpus from being memorised
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm; False is a little faster and no worse
     vocab_multiple: int = 64  # embedding rows padded to a multiple of this: faster matmuls on GPU
+    # positions
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"  # GPT-2 learns a table
+    rope_theta: float = 10000.0  # RoPE base (Su 2021, Llama 2); larger stretches the longest wavelength
+    # attention
+    n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head), 1 = multi-query, between = grouped-query
+    attn_window: int = 0  # sliding window: each token sees itself and the W-1 before it; 0 = the whole context
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys: bounded attention logits (OLMo 2, Gemma 3)
+    attn_mask: Literal["causal", "bidirectional", "prefix"] = "causal"  # bidirectional trains a masked LM (BERT)
+    prefix_len: int = 0  # attn_mask = "prefix": the first prefix_len tokens of a window see each other (T5's prefix-LM)
+    # blocks
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # RMSNorm (Llama) skips the mean: cheaper, as good
+    norm_placement: Literal["pre", "post"] = "pre"  # post = Vaswani 2017, normalising after each residual add
+    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"  # SwiGLU (Shazeer 2020, Llama) gates the hidden layer
+    mlp_hidden: int = 0  # 0 = 4·n_embd, or for swiglu ⅔ of that rounded up to a multiple of 64 (same parameters)
+    n_experts: int = 0  # mixture of experts: 0 = one dense MLP per block, else this many expert MLPs
+    experts_per_token: int = 2  # top-k routing: each token is processed by its k best-scoring experts
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss (Switch Transformer) in the training loss
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vocab_size < 0:
-            raise ValueError(f"vocab_size must be >= 0 (0 = from the data), got {self.vocab_size}")
+        for name in ("vocab_size", "n_kv_head", "attn_window", "mlp_hidden", "n_experts", "prefix_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -44,36 +66,132 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head and (self.n_kv_head > self.n_head or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}); 0 means n_head")
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            raise ValueError(f"rope rotates pairs of dimensions: the head size ({self.head_size}) must be even")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.attn_mask == "prefix" and not 0 < self.prefix_len < self.block_size:
+            raise ValueError(f"attn_mask = 'prefix' needs 0 < prefix_len < block_size ({self.block_size}), "
+                             f"got {self.prefix_len}")
+        if self.n_experts == 1 or (self.n_experts and not 1 <= self.experts_per_token <= self.n_experts):
+            raise ValueError(f"n_experts must be 0 (dense) or >= 2 with 1 <= experts_per_token <= n_experts, "
+                             f"got {self.n_experts} and {self.experts_per_token}")
+        if not self.moe_aux_weight >= 0:
+            raise ValueError(f"moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def window(self) -> int:
+        """How many positions a token sees, itself included."""
+        return min(self.attn_window or self.block_size, self.block_size)
+
+    @property
+    def mask_token(self) -> int | None:
+        """The [MASK] id of a bidirectional (masked-LM) model: the first row past the real vocabulary."""
+        return self.vocab_size if self.attn_mask == "bidirectional" else None
+
+    @property
     def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+        rows = self.vocab_size + (self.mask_token is not None)
+        return math.ceil(rows / self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def hidden_size(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # three matrices instead of two: ⅔ the width keeps the parameter count
+            return math.ceil(2 * 4 * self.n_embd / 3 / 64) * 64
+        return 4 * self.n_embd
+
+
+# ----------------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)). Shape (T, dim)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, ceil(dim/2))
+    pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # sin, cos interleaved
+    return pe[:, :dim]
+
+
+def rope_angles(positions: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles p·θ^(-2i/hs) for each position and each pair i, each (T, hs/2)."""
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, h, T, hs) by its angle: q·k then depends only on the
+    positions' difference (the GPT-NeoX / Llama 'rotate half' pairing)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Press 2022: the geometric sequence 2^(-8/n), 2^(-16/n), ...; for n not a power of two, the slopes of
+    the nearest smaller power of two, then every other slope of the next one."""
+    def geometric(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(p) + geometric(2 * p)[0::2][: n_head - p]
+    return torch.tensor(slopes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
 
 
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
-    One forward call appends T positions to every layer (`append`), then the model moves `length` on
-    (`advance`), so the next call's positions start where this one's ended.
+    A forward call first makes room for its T new positions (`make_room`: past the attention window the
+    oldest keys, which no new query can see, are dropped), then every layer appends its keys (`append`),
+    then the model moves on (`advance`). `start` is the absolute position of the first cached key.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.block_size
-        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_size)
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far
+        self.start = 0  # absolute position of slot 0
+        self.length = 0  # slots filled
+
+    @property
+    def next_pos(self) -> int:
+        return self.start + self.length
+
+    def make_room(self, n: int, keep: int) -> None:
+        """Ensure n more positions fit, dropping the oldest keys but the last `keep` if they do not."""
+        if self.length + n <= self.max_len:
+            return
+        keep = min(keep, self.length)
+        if keep + n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {keep + n} needed")
+        drop = self.length - keep
+        self.k[:, :, :, :keep] = self.k[:, :, :, drop:self.length].clone()
+        self.v[:, :, :, :keep] = self.v[:, :, :, drop:self.length].clone()
+        self.start += drop
+        self.length = keep
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) after what is cached; return all keys and values (B, nh, S, hs)."""
+        """Store k, v (B, kvh, T, hs) after what is cached; return all kept keys and values (B, kvh, S, hs)."""
         end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -82,91 +200,161 @@ class KVCache:
         self.length += n
 
     def reset(self) -> None:
-        self.length = 0
+        self.start = self.length = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs for one forward call, built once per call by GPT.attention_inputs."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, hs/2) for the new positions
+    mask: torch.Tensor | None  # (T, S) bool, True = may attend; or (nh, T, S) float bias (ALiBi); None: see is_causal
+    is_causal: bool  # the plain lower triangle with T == S, which flash kernels handle without a mask
 
 
 def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
-    """(T, S) boolean mask, True where a query may attend to a key.
-
-    The T queries are the *last* T of the S positions, so query i sits at position S - T + i and sees
-    keys 0..S-T+i. SDPA's is_causal aligns the triangle top-left instead, which is only right when T == S.
-    """
+    """(T, S) boolean mask for T queries that are the *last* T of S positions (query i sits at S - T + i).
+    SDPA's is_causal aligns the triangle top-left instead, which is only right when T == S."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                        training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q kᵀ / √hs) v with the causal mask, written out: the textbook path SDPA is tested against.
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs,
+                        dropout_p: float = 0.0, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ / √hs + mask) v written out: the textbook path SDPA is tested against.
 
-    q (B, nh, T, hs), k and v (B, nh, S, hs). Returns the output (B, nh, T, hs) and the attention
-    weights (B, nh, T, S) before dropout.
+    q (B, nh, T, hs), k and v (B, nh, S, hs). Returns the output (B, nh, T, hs) and the attention weights
+    (B, nh, T, S) before dropout.
     """
     T, S = q.size(-2), k.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    weights = F.softmax(scores, dim=-1)
+    mask = causal_mask(T, S, q.device) if inputs.is_causal else inputs.mask
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
     return F.dropout(weights, dropout_p, training) @ v, weights
 
 
-class CausalSelfAttention(nn.Module):
+class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.kv_heads, cfg.head_size
+        # q, k, v in one matmul; k and v have only kvh heads, each shared by nh / kvh query heads
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None, layer: int = 0,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        nh, kvh, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, kvh * hs, kvh * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, kvh, hs).transpose(1, 2)  # (B, kvh, T, hs)
+        v = v.view(B, T, kvh, hs).transpose(1, 2)  # (B, kvh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if inputs.rope is not None:  # keys are cached rotated, at their own positions
+            q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if kv_cache is not None:
-            k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs)
-        S = k.size(2)
+            k, v = kv_cache.append(layer, k, v)  # (B, kvh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if reference:
-            y, weights = reference_attention(q, k, v, dropout_p, self.training)
-        elif T == S:  # no cached keys: the plain causal triangle, which flash kernels handle without a mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif T == 1:  # one new token after the cache sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # several new tokens after a cache: is_causal would align the triangle wrongly
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device), dropout_p=dropout_p)
+            k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
+            y, weights = reference_attention(q, k, v, inputs, dropout_p, self.training)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout_p,
+                                               is_causal=inputs.is_causal, enable_gqa=kvh != nh)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feed-forward: one MLP, or a mixture of expert MLPs
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = cfg.hidden_size
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        # SwiGLU: silu(x W) ⊙ (x V); the gate V is the only extra matrix
+        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "swiglu": nn.SiLU()}[cfg.mlp]
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.act(self.c_fc(x))
+        if self.c_gate is not None:
+            h = h * self.c_gate(x)
+        return self.dropout(self.c_proj(h))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class MoE(nn.Module):
+    """Top-k routed experts (Shazeer 2017; Mixtral): a router scores the experts for each token, the token is
+    processed by its k best, and their outputs are mixed by the router's renormalised probabilities.
+    No token is dropped. After each forward, `aux_loss` holds the Switch Transformer load-balancing loss."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.k = cfg.experts_per_token
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.aux_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)  # (N, C): routing is per token
+        probs = F.softmax(self.router(flat).float(), dim=-1)  # (N, E)
+        top_p, top_e = probs.topk(self.k, dim=-1)  # (N, k)
+        top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (top_e == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, top_p[token, slot, None] * expert(flat[token]))
+        # E · Σ_e (share of routing slots that went to e) · (mean router probability of e): 1 when balanced
+        share = F.one_hot(top_e, probs.size(-1)).float().mean(dim=(0, 1))  # (E,)
+        self.aux_loss = probs.size(-1) * (share * probs.mean(dim=0)).sum()
+        return out.view(B, T, C)
+
+
+def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.post_norm = cfg.norm_placement == "post"
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None, layer: int = 0,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(self.ln_1(x), kv_cache, layer, reference)
+        if self.post_norm:  # Vaswani 2017: x = norm(x + f(x)); the residual stream itself is normalised
+            a, weights = self.attn(x, inputs, kv_cache, layer, reference)
+            x = self.ln_1(x + a)
+            return self.ln_2(x + self.mlp(x)), weights
+        a, weights = self.attn(self.ln_1(x), inputs, kv_cache, layer, reference)  # pre-norm: x + f(norm(x))
         x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, weights
+        return x + self.mlp(self.ln_2(x)), weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
 
 
 class GPT(nn.Module):
@@ -176,12 +364,15 @@ class GPT(nn.Module):
             raise ValueError("GPTConfig.vocab_size must be set (it comes from the data's meta.json)")
         self.config = cfg
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        # post-norm blocks already end in a norm
+        self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: the output layer reads the input embedding back
+        if cfg.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.apply(self._init_weights)
         # GPT-2: each block adds two projections to the residual stream, so scale them down to keep
         # its variance independent of depth
@@ -199,26 +390,69 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, counted once despite the tie; without the position table by default (as GPT-2 reports)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
+
+    def active_params(self) -> int:
+        """Non-embedding parameters one token passes through: with experts, only k of them."""
+        cfg = self.config
+        unused = 0
+        if cfg.n_experts:
+            per_expert = sum(p.numel() for p in self.blocks[0].mlp.experts[0].parameters())
+            unused = cfg.n_layer * (cfg.n_experts - cfg.experts_per_token) * per_expert
+        return self.num_params() - unused
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight plus the attention score matmuls."""
+        """Training FLOPs per token (forward + backward): 6 per active weight, plus the attention score and
+        value matmuls over the keys each query actually sees (the window, when there is one)."""
         cfg = self.config
-        T = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+        keys = min(seq_len or cfg.block_size, cfg.window)
+        return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
 
-    def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-              reference: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor, prefix_len: int) -> AttentionInputs:
+        """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,)."""
+        cfg = self.config
+        rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+        dist = qpos[:, None] - kpos[None, :]  # (T, S): how far back each key is from each query
+        allowed = {
+            "causal": dist >= 0,
+            "bidirectional": torch.ones_like(dist, dtype=torch.bool),
+            "prefix": (dist >= 0) | (kpos[None, :] < prefix_len),  # the prefix sees all of itself
+        }[cfg.attn_mask]
+        allowed = allowed & (dist.abs() < cfg.window)
+        if cfg.pos_encoding == "alibi":  # a linear penalty on distance, steeper for some heads than others
+            bias = -self.alibi_slopes[:, None, None] * dist.abs()  # (nh, T, S)
+            return AttentionInputs(rope, bias.masked_fill(~allowed, float("-inf")), False)
+        if len(qpos) == len(kpos) and torch.equal(allowed, causal_mask(len(qpos), len(kpos), qpos.device)):
+            return AttentionInputs(rope, None, True)
+        if allowed.all():  # e.g. one new token whose window covers the whole cache
+            return AttentionInputs(rope, None, False)
+        return AttentionInputs(rope, allowed, False)
+
+    def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None, reference: bool = False,
+              prefix_len: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Token ids (B, T) -> final hidden states (B, T, C), and attention weights if `reference`."""
+        cfg = self.config
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0  # new tokens continue after the cache
-        if start + T > self.config.block_size:
-            raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        start = kv_cache.next_pos if kv_cache is not None else 0  # new tokens continue after the cache
+        if cfg.pos_encoding == "learned" and start + T > cfg.block_size:
+            raise ValueError(f"{start + T} positions exceed block_size {cfg.block_size} (learned positions end there)")
+        if kv_cache is not None:
+            kv_cache.make_room(T, keep=cfg.window - 1)  # keys older than the window are seen by no new query
+        qpos = torch.arange(start, start + T, device=idx.device)
+        kpos = torch.arange(kv_cache.start if kv_cache is not None else 0, start + T, device=idx.device)
+        inputs = self.attention_inputs(qpos, kpos, cfg.prefix_len if prefix_len is None else prefix_len)
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.pos_encoding == "learned":
+            x = x + self.wpe(qpos)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(qpos, cfg.n_embd).to(x.dtype)
+        x = self.drop(x)
         maps = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, kv_cache, i, reference)
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, weights = checkpoint(block, x, inputs, None, i, reference, use_reentrant=False)
+            else:
+                x, weights = block(x, inputs, kv_cache, i, reference)
             if weights is not None:
                 maps.append(weights)
         if kv_cache is not None:
@@ -226,19 +460,29 @@ class GPT(nn.Module):
         return self.ln_f(x), maps
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) for every position, and the mean cross-entropy when targets (B, T) are given.
+                reference: bool = False, prefix_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for every position, and the mean cross-entropy when targets (B, T) are given
+        (-1 marks positions without a target), plus the experts' load-balancing loss when training with experts.
 
         `reference=True` runs the explicit softmax attention instead of SDPA (slower; for tests and maps).
+        `prefix_len` overrides config.prefix_len for a prefix-LM (e.g. the prompt's length when sampling).
         """
-        x, _ = self.trunk(idx, kv_cache, reference)
+        x, _ = self.trunk(idx, kv_cache, reference, prefix_len)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if self.training and self.config.n_experts:  # evaluation reports the language-model loss alone
+            loss = loss + self.config.moe_aux_weight * self.aux_loss()
         return logits, loss
 
+    def aux_loss(self) -> torch.Tensor:
+        """The experts' load-balancing loss of the last forward, averaged over layers (0 without experts)."""
+        if not self.config.n_experts:
+            return torch.zeros(())
+        return torch.stack([block.mlp.aux_loss for block in self.blocks]).mean()
+
     @torch.no_grad()
-    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+    def attention_maps(self, idx: torch.Tensor, prefix_len: int | None = None) -> list[torch.Tensor]:
         """Attention weights of every layer, each (B, nh, T, T), for inspecting what the model attends to."""
-        return self.trunk(idx, reference=True)[1]
+        return self.trunk(idx, reference=True, prefix_len=prefix_len)[1]

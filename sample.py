@@ -5,6 +5,7 @@ decode loop (prefill the prompt into the KV cache, then one token per step).
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,27 +90,53 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
                  rt: Runtime | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B, 1), the logits they were drawn from (B, vocab_size)) once per new token.
 
-    With the cache: prefill the prompt, then feed one token per step. Learned positions end at block_size, so
-    once the context is full every position shifts by one each step and the cache cannot simply slide: it is
-    rebuilt from the last block_size tokens, which is exactly what the uncached path computes.
+    With the cache: prefill the prompt, then feed one token per step. Past block_size tokens:
+    - learned positions end at block_size, so every position shifts each step and the cache cannot slide: it
+      is rebuilt from the last block_size tokens, exactly what the uncached path computes;
+    - other encodings continue their positions, each token seeing the last block_size (or attn_window) ones;
+      the cache drops keys older than that, and the uncached path masks them out of the whole sequence.
+    A prefix-LM treats the prompt as its prefix. A bidirectional (masked-LM) model predicts a [MASK] appended
+    to the context, which every earlier token sees, so nothing can be cached.
     """
-    block_size = model.config.block_size
+    cfg = model.config
+    block_size = cfg.block_size
+    sliding = cfg.pos_encoding != "learned"
+    mask_token = cfg.mask_token
     autocast = rt.autocast() if rt is not None else torch.autocast("cpu", enabled=False)
     idx = prompt[:, -block_size:]
+    n_prompt = idx.size(1)
     cache_dtype = rt.dtype if rt is not None else next(model.parameters()).dtype  # keys and values come out of autocast
-    cache = KVCache(model.config, prompt.size(0), device=prompt.device, dtype=cache_dtype) if kv_cache else None
+    # a sliding window needs only its own keys: prefill in window-sized chunks into a cache of two windows
+    # (a prefix-LM's prefix must see all of itself at once)
+    chunk = cfg.window if cfg.attn_mask == "causal" else block_size
+    cache = None
+    if kv_cache and mask_token is None:
+        cache = KVCache(cfg, prompt.size(0), max_len=min(block_size, 2 * chunk), device=prompt.device,
+                        dtype=cache_dtype)
+
+    def window(reserve: int = 0) -> tuple[torch.Tensor, int]:  # the context to recompute, and its prefix length
+        context = idx if sliding else idx[:, -(block_size - reserve):]
+        return context, max(0, n_prompt - (idx.size(1) - context.size(1)))
+
     fresh = True  # the cache holds nothing of idx yet
     for _ in range(max_new_tokens):
         with autocast:
-            if cache is None:
-                logits = model(idx[:, -block_size:])[0]
-            elif fresh or cache.length == block_size:
+            if mask_token is not None:
+                context, prefix = window(reserve=1)
+                masked = torch.cat([context, torch.full_like(context[:, :1], mask_token)], dim=1)
+                logits = model(masked, prefix_len=prefix)[0]
+            elif cache is None:
+                context, prefix = window()
+                logits = model(context, prefix_len=prefix)[0]
+            elif fresh or (not sliding and cache.next_pos == block_size):
                 cache.reset()
-                logits = model(idx[:, -block_size:], kv_cache=cache)[0]  # prefill (or rebuild): explicit positions 0..T-1
+                context, prefix = window()  # learned positions restart at 0 in the rebuilt window
+                for part in context.split(chunk, dim=1):  # prefill (or rebuild)
+                    logits = model(part, kv_cache=cache, prefix_len=prefix)[0]
                 fresh = False
             else:
-                logits = model(idx[:, -1:], kv_cache=cache)[0]  # decode: the newest token against the cache
-        logits = logits[:, -1, :vocab_size].float()  # padded vocabulary rows are never sampled
+                logits = model(idx[:, -1:], kv_cache=cache, prefix_len=prefix)[0]  # decode: the newest token
+        logits = logits[:, -1, :vocab_size].float()  # padded rows (and [MASK]) are never sampled
         token = sample_next_token(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, token], dim=1)
         yield token, logits
@@ -146,6 +173,9 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
 def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
            write: Callable[[str], None] = print) -> list[str]:
     """Generate num_samples texts from the prompt, streaming each through `write` as it is produced."""
+    if run.model.config.mask_token is not None and sc.kv_cache:
+        print("note: a bidirectional model's tokens see the ones after them, so there is no KV cache to use",
+              file=sys.stderr)
     ids = encode_prompt(run.tokenizer, prompt)
     x = torch.tensor([ids], dtype=torch.long, device=run.rt.device)
     generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)

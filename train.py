@@ -163,11 +163,15 @@ def setup_runtime(run: RunConfig) -> Runtime:
 # Batches: random windows of the token file, from a seeded generator whose state goes into checkpoints.
 
 
+MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
+
+
 class Batches:
-    def __init__(self, data_dir: str | Path, meta: dict, split: str, batch_size: int, block_size: int,
+    def __init__(self, data_dir: str | Path, meta: dict, split: str, batch_size: int, model: GPTConfig,
                  device: torch.device, seed: int):
         self.data_dir, self.meta, self.split = Path(data_dir), meta, split
-        self.batch_size, self.block_size, self.device = batch_size, block_size, device
+        self.batch_size, self.model, self.device = batch_size, model, device
+        self.block_size = block_size = model.block_size
         self.n_tokens = meta[f"{split}_tokens"]
         if self.n_tokens <= block_size:
             raise UserError(
@@ -182,10 +186,22 @@ class Batches:
         starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
         windows = np.stack([data[i:i + self.block_size + 1] for i in starts.tolist()]).astype(np.int64)
         xy = torch.from_numpy(windows)  # (B, T + 1)
-        x, y = xy[:, :-1], xy[:, 1:]
+        x, y = self.objective(xy[:, :-1], xy[:, 1:])
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (-1 = no target) for the model's attention mask. Causal: the next token.
+        Prefix-LM: no targets inside the prefix, where each token sees the one it would predict. Bidirectional:
+        every token sees every other, so predict hidden ones instead (BERT's masked LM; always [MASK], no 80/10/10)."""
+        if self.model.attn_mask == "prefix":
+            return x, y.index_fill(1, torch.arange(self.model.prefix_len - 1), -1)
+        if self.model.attn_mask == "bidirectional":
+            hidden = torch.rand(x.shape, generator=self.generator) < MLM_MASK_RATE
+            hidden[:, 0] |= ~hidden.any(dim=1)  # at least one target per row
+            return x.masked_fill(hidden, self.model.mask_token), x.masked_fill(~hidden, -1)
+        return x, y
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -406,7 +422,7 @@ def evaluate(model: torch.nn.Module, cfg: Config, meta: dict, rt: Runtime) -> di
     model.eval()
     losses = {}
     for i, split in enumerate(("train", "val")):
-        batches = Batches(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model.block_size, rt.device,
+        batches = Batches(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model, rt.device,
                           seed=cfg.run.seed + 1 + i)
         total = torch.zeros((), device=rt.device)
         for _ in range(cfg.train.eval_iters):
@@ -459,9 +475,8 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
         raise UserError(f"the checkpoint's tokenizer differs from the one in {cfg.data.dir}/meta.json; "
                         "resume with the data the run was trained on (--set data.dir=...)")
 
-    batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model.block_size, rt.device,
-                      seed=cfg.run.seed)
-    Batches(cfg.data.dir, meta, "val", 1, cfg.model.block_size, rt.device, seed=0)  # val is long enough too
+    batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, rt.device, seed=cfg.run.seed)
+    Batches(cfg.data.dir, meta, "val", 1, cfg.model, rt.device, seed=0)  # val is long enough too
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
@@ -528,7 +543,9 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
                     print(f"step {step:>6}/{cfg.train.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s | " + (f"mfu {100 * mfu:.1f}% | " if mfu else "") + f"eta {eta}",
                           flush=True)
-                    logger.record(step, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu, tokens_seen=tokens_seen)
+                    aux = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
+                    logger.record(step, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu, tokens_seen=tokens_seen,
+                                  **aux)
                     window_start, window_steps = time.perf_counter(), 0
                 if stop.requested:
                     stopped_by = stop.requested
