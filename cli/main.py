@@ -129,3 +129,50 @@ def sample(
         sys.stdout.flush()
 
     sampler.sample(run, prompt, num_samples, sc, write=write)
+
+
+@app.command()
+@one_line_errors
+def inspect(
+    target: Path = typer.Argument(..., help="a TOML config, or a run folder containing ckpt.pt"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: --set model.n_kv_head=2 (repeatable)"),
+    batch_size: Optional[int] = typer.Option(None, help="sequences per micro-batch [default: train.batch_size]"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+):
+    """Show what a model costs before training it: parameters, FLOPs, KV cache and activation memory."""
+    import json
+    from dataclasses import replace
+
+    from cli.config_loader import build_config, load_config
+    from prepare_data import UserError, read_meta
+
+    import inspection
+    import train as trainer
+
+    if target.is_dir() or target.suffix == ".pt":
+        ckpt_path = target / "ckpt.pt" if target.is_dir() else target
+        if not ckpt_path.exists():
+            raise UserError(f"no ckpt.pt in {target}: pass a run folder written by `minigpt train`, or a TOML config")
+        checkpoint = trainer.load_checkpoint(ckpt_path)
+        if not isinstance(checkpoint.get("config"), dict):
+            raise UserError(f"{ckpt_path} holds no config; train again")
+        cfg = build_config(trainer.Config, checkpoint["config"], set_)
+    elif target.exists() or target.suffix == ".toml":
+        cfg = load_config(trainer.Config, target, set_)
+    else:
+        raise UserError(f"'{target}' does not exist: pass a TOML config (e.g. config/debug.toml) or a run folder")
+    notes = []
+    if cfg.model.vocab_size == 0:
+        if (Path(cfg.data.dir) / "meta.json").exists():
+            cfg = trainer.resolve_vocab(cfg, read_meta(cfg.data.dir), cfg.data.dir)
+        else:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=50304))
+            notes.append(f"model.vocab_size is 0 and {cfg.data.dir}/meta.json does not exist yet: assuming 50304 "
+                         "(GPT-2's vocabulary, padded)")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        report = inspection.inspect_model(cfg.model, batch_size or cfg.train.batch_size, cfg.run.dtype, notes)
+    except ValueError as e:
+        raise UserError(f"cannot build this model: {e}") from None
+    typer.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))

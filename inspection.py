@@ -1,0 +1,288 @@
+"""What a model configuration costs, before training it: parameters, FLOPs, KV cache and activation memory.
+
+Pure functions of a `GPTConfig` (plus a batch size and a dtype name); `minigpt inspect` calls `inspect_model`
+and prints `format_report` of it (or the dict itself as JSON). Top to bottom:
+
+    parameters    counted from a real GPT built on the meta device (no memory, exact), grouped by name
+    FLOPs         the model's own `flops_per_token`: one formula for training (6·N + attention), forward = ⅓
+    KV cache      2 (k and v) · layers · kv heads · head size · bytes, per token and for a full context,
+                  next to plain multi-head attention without a window
+    activations   an estimate of what one training micro-batch keeps for the backward pass, with and
+                  without gradient checkpointing (Korthikanti et al. 2022, adapted; see `activation_bytes`)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model import GPT, GPTConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+AUTO_DTYPE = "bfloat16"  # what run.dtype = "auto" picks on a recent GPU; the report is for that
+
+
+def resolve_dtype(name: str) -> tuple[str, str | None]:
+    """The dtype to report for run.dtype `name`, and a note when "auto" had to be guessed."""
+    if name == "auto":
+        return AUTO_DTYPE, f"run.dtype is auto: reporting for {AUTO_DTYPE} (a GPU's choice; a CPU runs float32)"
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto or one of {', '.join(DTYPE_BYTES)}")
+    return name, None
+
+
+def describe(cfg: GPTConfig) -> str:
+    """One line naming the model, e.g. '4 layers, 4 heads (kv 2), 128 wide, block 64, rope, rmsnorm pre, swiglu'."""
+    heads = f"{cfg.n_head} heads" + (f" (kv {cfg.kv_heads})" if cfg.kv_heads != cfg.n_head else "")
+    parts = [f"{cfg.n_layer} layers", heads, f"{cfg.n_embd} wide", f"block {cfg.block_size}"]
+    if cfg.window < cfg.block_size:
+        parts.append(f"window {cfg.window}")
+    parts += [cfg.pos_encoding, f"{cfg.norm} {cfg.norm_placement}", cfg.mlp]
+    if cfg.n_experts:
+        parts.append(f"{cfg.n_experts} experts top-{cfg.experts_per_token}")
+    if cfg.qk_norm:
+        parts.append("qk-norm")
+    if cfg.attn_mask != "causal":
+        parts.append(cfg.attn_mask)
+    parts.append(f"vocab {cfg.vocab_size}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def meta_model(cfg: GPTConfig) -> GPT:
+    """The real model with shapes but no storage: exact counts for any size, instantly."""
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
+def component(name: str) -> str:
+    """The report's group of a parameter name (the LM head is tied to wte, so it has no name of its own)."""
+    if name.startswith("wte."):
+        return "token_embedding"
+    if name.startswith("wpe."):
+        return "position_embedding"
+    if ".attn." in name:  # c_attn, c_proj and the q/k norms
+        return "attention"
+    if ".mlp.router." in name:
+        return "router"
+    if ".mlp.experts." in name:
+        return "experts"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("ln_f.") or ".ln_" in name:
+        return "norms"
+    return "other"  # a parameter this report does not know yet: still counted in the total
+
+
+def count_params(cfg: GPTConfig, model: GPT | None = None) -> dict[str, int]:
+    """Parameters by component, their `total` (= num_params(non_embedding=False)) and `active`: what one token
+    uses (all of them, but with experts only experts_per_token of each layer's experts)."""
+    model = model or meta_model(cfg)
+    groups = {"token_embedding": 0, "position_embedding": 0, "attention": 0}
+    groups.update({"experts": 0, "router": 0} if cfg.n_experts else {"mlp": 0})
+    groups["norms"] = 0
+    for name, p in model.named_parameters():  # shared tensors (the tied LM head) are listed once
+        key = component(name)
+        groups[key] = groups.get(key, 0) + p.numel()
+    if cfg.pos_encoding != "learned":
+        del groups["position_embedding"]
+    total = sum(groups.values())
+    unused_experts = model.num_params() - model.active_params()  # 0 for a dense model
+    return {**groups, "total": total, "active": total - unused_experts}
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_token(cfg: GPTConfig, model: GPT | None = None) -> dict[str, float]:
+    """Forward and training (forward + backward = 3 × forward) FLOPs per token at a full context, from the
+    model's own formula: 2 per active weight per token forward, plus the score and value matmuls over the
+    keys each query sees (at most the window)."""
+    model = model or meta_model(cfg)
+    training = float(model.flops_per_token(cfg.block_size))
+    return {"forward": training / 3, "training": training, "keys_per_query": min(cfg.block_size, cfg.window)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+def format_ratio(r: float) -> str:
+    return f"{r:.1f}x" if float(r).is_integer() else f"{r:.3g}x"
+
+
+def kv_cache_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
+    """Bytes of keys and values that sampling keeps, per token and for a full context, beside plain
+    multi-head attention (kv heads = heads, no window). A full context is the tokens a query can see,
+    min(block_size, window): no query needs older keys (model.KVCache.make_room drops them; sample.py
+    allocates min(block_size, 2 x window) slots so that a prompt can be prefilled a window at a time)."""
+    elem = DTYPE_BYTES[dtype]
+    per_token = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * elem
+    mha_per_token = 2 * cfg.n_layer * cfg.n_head * cfg.head_size * elem
+    context = min(cfg.block_size, cfg.window)
+    full = per_token * context * batch_size
+    mha_full = mha_per_token * cfg.block_size * batch_size
+    savings = []
+    if cfg.kv_heads != cfg.n_head:
+        kind = "MQA" if cfg.kv_heads == 1 else "GQA"
+        savings.append(f"{kind} {cfg.kv_heads}/{cfg.n_head} heads: {format_ratio(cfg.n_head / cfg.kv_heads)} smaller")
+    if context < cfg.block_size:
+        savings.append(f"window {context}/{cfg.block_size}: {format_ratio(cfg.block_size / context)} smaller")
+    return {
+        "dtype": dtype,
+        "bytes_per_token": per_token,
+        "context": context,
+        "batch_size": batch_size,
+        "bytes_full_context": full,
+        "mha_bytes_per_token": mha_per_token,
+        "mha_bytes_full_context": mha_full,
+        "ratio_vs_mha": mha_full / full,
+        "savings": savings,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations
+
+
+def layer_activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> int:
+    """What one block keeps for its backward pass, in bytes (an estimate).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1) count,
+    per layer of a GPT-2 block in 16-bit without flash attention, B·T·C·(34 + 5·nh·T/C) bytes. The same
+    terms, with e bytes per element of the run's dtype, kv heads, our MLP width and dropout only when on:
+        norms         2 inputs                                2·e·C       per token
+        attention     c_attn input, q, k, v, c_proj input     e·(3C + 2·kvC)   (+ q, k before qk-norm)
+        scores        softmax output (nh·T per token)         e·nh·T; with dropout + its mask and output
+        MLP           input, c_fc output, activation output   e·(C + 2H); SwiGLU keeps 4 H-wide tensors;
+                      experts: each token's k experts, their inputs and outputs, and the router's probabilities
+        dropout       masks of the two residual branches      2·C bytes (1 byte each), with dropout only
+    With e = 2, kvC = C, H = 4C and dropout this is exactly Korthikanti's 34 + 5·nh·T/C. The T×T scores are
+    what flash attention (SDPA's fused kernels) would not keep: on those the estimate is high.
+    """
+    e = DTYPE_BYTES[dtype]
+    N, T, C = batch_size * cfg.block_size, cfg.block_size, cfg.n_embd
+    kvC, H = cfg.kv_heads * cfg.head_size, cfg.hidden_size
+    dropout = cfg.dropout > 0
+    norms = 2 * N * C * e
+    attention = N * e * (3 * C + 2 * kvC) + (N * e * (C + kvC) if cfg.qk_norm else 0)
+    scores = batch_size * cfg.n_head * T * T * (e + (1 + e if dropout else 0))
+    hidden = 4 if cfg.mlp == "swiglu" else 2  # (c_fc out, act out) or (c_fc out, silu out, gate out, product)
+    if cfg.n_experts:
+        k = cfg.experts_per_token
+        mlp = N * e * C * (1 + 2 * k) + k * N * e * H * hidden + N * cfg.n_experts * 4
+    else:
+        mlp = N * e * (C + hidden * H)
+    masks = 2 * N * C if dropout else 0
+    return norms + attention + scores + mlp + masks
+
+
+def activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
+    """Peak activation memory of one training micro-batch (batch_size × block_size tokens), an estimate:
+    every layer's activations (see `layer_activation_bytes`), the final norm's input and the LM head's input,
+    and the float32 logits the loss reads (B·T·V·4). With gradient checkpointing each layer keeps only its
+    input (B·T·C) and one layer's activations exist at a time, recomputed in the backward pass.
+    Weights, gradients and optimizer state are not included."""
+    e = DTYPE_BYTES[dtype]
+    N = batch_size * cfg.block_size
+    layer = layer_activation_bytes(cfg, batch_size, dtype)
+    head = 2 * N * cfg.n_embd * e  # ln_f's input and the LM head's input
+    logits = N * cfg.padded_vocab_size * 4
+    return {
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "tokens": N,
+        "per_layer": layer,
+        "logits": logits,
+        "bytes": cfg.n_layer * layer + head + logits,
+        "bytes_with_checkpointing": cfg.n_layer * N * cfg.n_embd * e + layer + head + logits,
+        "checkpointing_on": cfg.grad_checkpointing,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def inspect_model(cfg: GPTConfig, batch_size: int, dtype: str = "auto", notes: list[str] = ()) -> dict:
+    """Everything above as one plain dict (what `minigpt inspect --json` prints)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    dtype, dtype_note = resolve_dtype(dtype)
+    model = meta_model(cfg)
+    return {
+        "model": describe(cfg),
+        "params": count_params(cfg, model),
+        "flops_per_token": flops_per_token(cfg, model),
+        "kv_cache": kv_cache_bytes(cfg, batch_size, dtype),
+        "activations": activation_bytes(cfg, batch_size, dtype),
+        "notes": [*notes, *([dtype_note] if dtype_note else [])],
+    }
+
+
+PARAM_LABELS = {
+    "token_embedding": "token embedding (LM head tied: +0)",
+    "position_embedding": "position embedding (learned)",
+    "attention": "attention (c_attn, c_proj, qk norms)",
+    "mlp": "MLP",
+    "experts": "experts (all of them)",
+    "router": "router",
+    "norms": "norms",
+    "other": "other",
+    "total": "total",
+    "active": "active per token",
+}
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(report: dict) -> str:
+    """The report as an aligned text table: a title line, then one section per quantity."""
+    params, flops, kv, act = report["params"], report["flops_per_token"], report["kv_cache"], report["activations"]
+    rows: list[tuple[str, str, str] | str] = ["parameters"]
+    for key, n in params.items():
+        rows.append((PARAM_LABELS.get(key, key), f"{n:,}", human_count(n)))
+    rows.append(f"FLOPs per token (each query sees {flops['keys_per_query']} keys)")
+    rows.append(("forward", f"{flops['forward']:,.0f}", human_count(flops["forward"])))
+    rows.append(("training (3 x forward)", f"{flops['training']:,.0f}", human_count(flops["training"])))
+    rows.append(f"KV cache for sampling ({kv['dtype']}, batch {kv['batch_size']})")
+    rows.append(("per token", f"{kv['bytes_per_token']:,}", human_bytes(kv["bytes_per_token"])))
+    rows.append((f"full context ({kv['context']} tokens)", f"{kv['bytes_full_context']:,}",
+                 human_bytes(kv["bytes_full_context"])))
+    rows.append(("plain multi-head, per token", f"{kv['mha_bytes_per_token']:,}", human_bytes(kv["mha_bytes_per_token"])))
+    rows.append(("plain multi-head, full context", f"{kv['mha_bytes_full_context']:,}",
+                 human_bytes(kv["mha_bytes_full_context"])))
+    rows.append(("saved vs plain multi-head", format_ratio(kv["ratio_vs_mha"]) + " smaller",
+                 "; ".join(kv["savings"]) or "nothing"))
+    rows.append(f"Activations, one training micro-batch of {act['batch_size']} x {act['tokens'] // act['batch_size']} "
+                f"({act['dtype']}; estimate, no flash attention)")
+    used = " (this config)"
+    on, off = (used, "") if act["checkpointing_on"] else ("", used)
+    rows.append(("without checkpointing" + off, f"{act['bytes']:,}", human_bytes(act["bytes"])))
+    rows.append(("with gradient checkpointing" + on, f"{act['bytes_with_checkpointing']:,}",
+                 human_bytes(act["bytes_with_checkpointing"])))
+    rows.append(("of which logits (float32)", f"{act['logits']:,}", human_bytes(act["logits"])))
+
+    cells = [r for r in rows if isinstance(r, tuple)]
+    w0 = max(len(r[0]) for r in cells) + 2
+    w1 = max(len(r[1]) for r in cells)
+    lines = [report["model"]]
+    for r in rows:
+        lines.append(r if isinstance(r, str) else f"  {r[0]:<{w0}}{r[1]:>{w1}}  {r[2]}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""`minigpt inspect` and inspection.py: exact parameter counts, FLOPs, KV-cache savings and activation
+estimates, checked against numbers known independently of this code."""
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import inspection
+import train
+from cli.config_loader import load_config
+from cli.main import app
+from conftest import REPO_ROOT
+from model import GPTConfig
+
+GPT2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+SMALL = GPTConfig(vocab_size=65, block_size=256, n_layer=2, n_head=6, n_embd=48)
+DEBUG = str(REPO_ROOT / "config" / "debug.toml")
+
+
+def test_gpt2_small_has_its_well_known_parameter_count():
+    params = inspection.count_params(GPT2)
+    assert params["total"] == 124_475_904  # nanoGPT's 123.69M plus the 1024 x 768 position table
+    assert params["total"] - params["position_embedding"] == 123_689_472
+    assert params["token_embedding"] == 50304 * 768 and params["position_embedding"] == 1024 * 768
+    assert params["active"] == params["total"]
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"n_kv_head": 2, "qk_norm": True, "pos_encoding": "rope", "norm": "rmsnorm"},
+    {"n_experts": 4, "experts_per_token": 2, "mlp": "swiglu", "bias": False},
+    {"norm_placement": "post", "pos_encoding": "alibi", "attn_window": 64},
+], ids=["gpt2", "gqa-rope-qknorm", "moe-swiglu", "post-alibi-window"])
+def test_groups_sum_to_the_models_own_count(changes):
+    cfg = replace(SMALL, **changes)
+    model = inspection.meta_model(cfg)
+    params = inspection.count_params(cfg, model)
+    groups = {k: v for k, v in params.items() if k not in ("total", "active")}
+    assert "other" not in groups  # every parameter has a named group
+    assert sum(groups.values()) == params["total"] == model.num_params(non_embedding=False)
+    assert ("position_embedding" in groups) == (cfg.pos_encoding == "learned")
+
+
+def test_moe_uses_fewer_parameters_per_token_than_it_has():
+    cfg = replace(SMALL, n_experts=8, experts_per_token=2)
+    params = inspection.count_params(cfg)
+    assert params["active"] < params["total"]
+    per_expert = params["experts"] // (cfg.n_layer * cfg.n_experts)
+    assert params["total"] - params["active"] == cfg.n_layer * 6 * per_expert
+
+
+def test_training_flops_are_three_forwards_and_the_window_caps_attention():
+    flops = inspection.flops_per_token(SMALL)
+    assert flops["training"] == 3 * flops["forward"]
+    windowed = inspection.flops_per_token(replace(SMALL, attn_window=64))
+    attention_saved = 12 * SMALL.n_layer * SMALL.n_embd * (256 - 64)  # score and value matmuls, fwd + bwd
+    assert flops["training"] - windowed["training"] == attention_saved
+
+
+def test_kv_cache_ratios_are_exact():
+    assert inspection.kv_cache_bytes(SMALL, 1, "bfloat16")["ratio_vs_mha"] == 1.0
+    gqa = inspection.kv_cache_bytes(replace(SMALL, n_kv_head=2), 4, "bfloat16")
+    assert gqa["ratio_vs_mha"] == 3.0 and gqa["savings"] == ["GQA 2/6 heads: 3.0x smaller"]
+    assert gqa["bytes_per_token"] == 2 * 2 * 2 * 8 * 2  # k and v, layers, kv heads, head size, bytes
+    assert gqa["bytes_full_context"] == gqa["bytes_per_token"] * 256 * 4
+    assert gqa["mha_bytes_per_token"] == 3 * gqa["bytes_per_token"]
+    assert inspection.kv_cache_bytes(replace(SMALL, n_kv_head=1), 1, "float32")["ratio_vs_mha"] == 6.0
+    window = inspection.kv_cache_bytes(replace(SMALL, attn_window=64), 2, "float32")
+    assert window["ratio_vs_mha"] == 4.0 and window["savings"] == ["window 64/256: 4.0x smaller"]
+    assert window["bytes_per_token"] == window["mha_bytes_per_token"]
+    assert inspection.kv_cache_bytes(SMALL, 1, "float32")["bytes_per_token"] == \
+        2 * inspection.kv_cache_bytes(SMALL, 1, "float16")["bytes_per_token"]
+
+
+def test_activation_estimate_reproduces_korthikanti_and_checkpointing_saves_memory():
+    cfg = replace(GPT2, dropout=0.1)
+    B, T, C, nh = 2, 1024, 768, 12
+    expected = B * T * C * (34 + 5 * nh * T / C)  # Korthikanti et al. 2022, eq. 1, bytes per layer in 16-bit
+    assert inspection.layer_activation_bytes(cfg, B, "bfloat16") == expected
+    for c in (GPT2, replace(SMALL, n_experts=4, mlp="swiglu", n_kv_head=2)):
+        act = inspection.activation_bytes(c, 4, "float32")
+        assert act["bytes_with_checkpointing"] < act["bytes"]
+        assert act["logits"] == 4 * c.block_size * c.padded_vocab_size * 4
+        assert inspection.activation_bytes(c, 8, "float32")["bytes"] == 2 * act["bytes"]  # linear in the batch
+
+
+def test_report_dict_and_table():
+    cfg = replace(SMALL, n_layer=4, n_head=4, n_embd=128, n_kv_head=2, block_size=64, pos_encoding="rope",
+                  norm="rmsnorm", mlp="swiglu")
+    report = inspection.inspect_model(cfg, batch_size=3)
+    assert report["model"].startswith("4 layers, 4 heads (kv 2), 128 wide, block 64, rope, rmsnorm pre, swiglu")
+    assert report["kv_cache"]["dtype"] == "bfloat16" and "auto" in report["notes"][0]
+    json.dumps(report)  # plain values only
+    table = inspection.format_report(report)
+    assert table.splitlines()[0] == report["model"]
+    assert "GQA 2/4 heads: 2.0x smaller" in table and "estimate" in table
+    with pytest.raises(ValueError):
+        inspection.inspect_model(cfg, batch_size=0)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, ["inspect", *map(str, args)])
+
+
+def test_cli_prints_the_table_and_json(tmp_path):
+    result = invoke(DEBUG, "--set", f"data.dir={tmp_path / 'unprepared'}", "--set", "model.n_kv_head=1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("2 layers, 2 heads (kv 1), 32 wide, block 32")
+    assert "MQA 1/2 heads: 2.0x smaller" in result.stdout
+    assert "note: model.vocab_size is 0" in result.stdout and "50304" in result.stdout
+
+    result = invoke(DEBUG, "--json", "--batch-size", "3", "--set", "run.dtype=float32",
+                    "--set", f"data.dir={tmp_path / 'unprepared'}")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"token_embedding", "attention", "mlp", "norms", "total", "active"} <= set(report["params"])
+    assert set(report["flops_per_token"]) >= {"forward", "training"}
+    assert set(report["kv_cache"]) >= {"bytes_per_token", "bytes_full_context", "mha_bytes_per_token", "ratio_vs_mha"}
+    assert set(report["activations"]) >= {"bytes", "bytes_with_checkpointing"}
+    assert report["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # float32, batch-independent
+    assert report["kv_cache"]["bytes_full_context"] == report["kv_cache"]["bytes_per_token"] * 32 * 3
+
+
+def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_path):
+    import prepare_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"format_version": prepare_data.FORMAT_VERSION, "tokenizer": {"kind": "char"}, "vocab_size": 65,
+            "dtype": prepare_data.dtype_name_for_vocab(65), "train_tokens": 10, "val_tokens": 1, "source": "x",
+            "source_sha256": "0", "val_fraction": 0.1, "tokenizer_kind": "char"}
+    (data / "meta.json").write_text(json.dumps(meta))
+    result = invoke(DEBUG, "--set", f"data.dir={data}", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"]["token_embedding"] == 128 * 32  # 65 padded to 128 rows
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config(train.Config, DEBUG, ["model.vocab_size=65", "model.n_layer=3"])
+    torch.save({"version": train.CHECKPOINT_VERSION, "model": {}, "config": asdict(saved)}, run / "ckpt.pt")
+    result = invoke(run, "--set", "model.n_kv_head=1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "vocab_size is 0" not in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["missing/run"], "does not exist"),
+    (["missing.toml"], "not found"),
+    ([REPO_ROOT / "config"], "no ckpt.pt"),
+    ([DEBUG, "--set", "model.n_kv_head=3"], "n_kv_head"),
+    ([DEBUG, "--batch-size", "0"], "--batch-size"),
+])
+def test_cli_bad_arguments_end_as_one_error_line(args, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args, "--set", f"data.dir={tmp_path}") if args[0] == DEBUG else invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
