@@ -408,10 +408,22 @@ class GPT(nn.Module):
         keys = min(seq_len or cfg.block_size, cfg.window)
         return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
 
-    def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor, prefix_len: int) -> AttentionInputs:
-        """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,)."""
+    def attention_inputs(self, start: int, key_start: int, T: int, prefix_len: int,
+                         device: torch.device | None = None) -> AttentionInputs:
+        """The rotary angles and the mask for T queries at positions start.. over the keys at key_start..
+        Decided from the integers where possible, so the common cases need no mask and no device sync."""
         cfg = self.config
+        qpos = torch.arange(start, start + T, device=device)
+        kpos = torch.arange(key_start, start + T, device=device)
         rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+        S = len(kpos)
+        # a prefix only adds keys for queries before its last token, which must have a later key to see
+        causal_like = cfg.attn_mask == "causal" or (cfg.attn_mask == "prefix" and (T == 1 or start + 1 >= prefix_len))
+        if cfg.pos_encoding != "alibi" and S <= cfg.window:  # the window cuts nothing off
+            if cfg.attn_mask == "bidirectional" or (causal_like and T == 1):
+                return AttentionInputs(rope, None, False)  # every query sees every key
+            if causal_like and T == S:
+                return AttentionInputs(rope, None, True)  # the plain triangle: flash kernels, no mask
         dist = qpos[:, None] - kpos[None, :]  # (T, S): how far back each key is from each query
         allowed = {
             "causal": dist >= 0,
@@ -422,10 +434,6 @@ class GPT(nn.Module):
         if cfg.pos_encoding == "alibi":  # a linear penalty on distance, steeper for some heads than others
             bias = -self.alibi_slopes[:, None, None] * dist.abs()  # (nh, T, S)
             return AttentionInputs(rope, bias.masked_fill(~allowed, float("-inf")), False)
-        if len(qpos) == len(kpos) and torch.equal(allowed, causal_mask(len(qpos), len(kpos), qpos.device)):
-            return AttentionInputs(rope, None, True)
-        if allowed.all():  # e.g. one new token whose window covers the whole cache
-            return AttentionInputs(rope, None, False)
         return AttentionInputs(rope, allowed, False)
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None, reference: bool = False,
@@ -438,14 +446,14 @@ class GPT(nn.Module):
             raise ValueError(f"{start + T} positions exceed block_size {cfg.block_size} (learned positions end there)")
         if kv_cache is not None:
             kv_cache.make_room(T, keep=cfg.window - 1)  # keys older than the window are seen by no new query
-        qpos = torch.arange(start, start + T, device=idx.device)
-        kpos = torch.arange(kv_cache.start if kv_cache is not None else 0, start + T, device=idx.device)
-        inputs = self.attention_inputs(qpos, kpos, cfg.prefix_len if prefix_len is None else prefix_len)
+        key_start = kv_cache.start if kv_cache is not None else 0
+        inputs = self.attention_inputs(start, key_start, T, cfg.prefix_len if prefix_len is None else prefix_len,
+                                       idx.device)
         x = self.wte(idx)  # (B, T, C)
         if cfg.pos_encoding == "learned":
-            x = x + self.wpe(qpos)
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         elif cfg.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(qpos, cfg.n_embd).to(x.dtype)
+            x = x + sinusoidal_encoding(torch.arange(start, start + T, device=idx.device), cfg.n_embd).to(x.dtype)
         x = self.drop(x)
         maps = []
         for i, block in enumerate(self.blocks):
