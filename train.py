@@ -264,7 +264,8 @@ def load_checkpoint(path: str | Path) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or not a minigpt checkpoint ({reason[:200]}); "
                         "use another checkpoint (e.g. best.pt) or train again") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state \
+            or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a minigpt checkpoint (version {CHECKPOINT_VERSION}); train again")
     return state
 

@@ -37,6 +37,19 @@ def one_line_errors(command):
     return wrapper
 
 
+def config_from(path: Path, overrides: list[str]):
+    """The config of a TOML file, or of a run (its folder or a checkpoint file) with the checkpoint itself;
+    --set overrides apply to either."""
+    from cli.config_loader import build_config, load_config
+
+    import train as trainer
+
+    if path.is_dir() or path.suffix == ".pt":
+        checkpoint = trainer.load_checkpoint(path)
+        return build_config(trainer.Config, checkpoint["config"], overrides), checkpoint
+    return load_config(trainer.Config, path, overrides), None
+
+
 @app.command()
 @one_line_errors
 def prepare(
@@ -66,21 +79,18 @@ def train(
     """Train a model from a config, or resume a run (Ctrl-C saves a checkpoint and stops)."""
     from dataclasses import replace
 
-    from cli.config_loader import build_config, config_to_toml, load_config
+    from cli.config_loader import config_to_toml
     from prepare_data import UserError
 
     import train as trainer
 
-    checkpoint = None
     if (config is None) == (resume is None):
         raise UserError("pass either a config file (minigpt train config/debug.toml) or --resume RUN_DIR")
-    if resume is not None:
-        checkpoint = trainer.load_checkpoint(resume / "ckpt.pt" if resume.is_dir() else resume)
-        cfg = build_config(trainer.Config, checkpoint["config"], set_)
-        run_dir = resume if resume.is_dir() else resume.parent
-        cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))  # the run continues where it lies
-    else:
-        cfg = load_config(trainer.Config, config, set_)
+    if resume is not None and not (resume.is_dir() or resume.suffix == ".pt"):
+        raise UserError(f"--resume takes a run folder (or its ckpt.pt), got {resume}")
+    cfg, checkpoint = config_from(config or resume, set_)
+    if resume is not None:  # the run continues where it lies
+        cfg = replace(cfg, run=replace(cfg.run, out_dir=str(resume if resume.is_dir() else resume.parent)))
     if print_config:
         typer.echo(config_to_toml(cfg), nl=False)
         return
@@ -143,24 +153,12 @@ def inspect(
     import json
     from dataclasses import replace
 
-    from cli.config_loader import build_config, load_config
     from prepare_data import UserError, read_meta
 
     import inspection
     import train as trainer
 
-    if target.is_dir() or target.suffix == ".pt":
-        ckpt_path = target / "ckpt.pt" if target.is_dir() else target
-        if not ckpt_path.exists():
-            raise UserError(f"no ckpt.pt in {target}: pass a run folder written by `minigpt train`, or a TOML config")
-        checkpoint = trainer.load_checkpoint(ckpt_path)
-        if not isinstance(checkpoint.get("config"), dict):
-            raise UserError(f"{ckpt_path} holds no config; train again")
-        cfg = build_config(trainer.Config, checkpoint["config"], set_)
-    elif target.exists() or target.suffix == ".toml":
-        cfg = load_config(trainer.Config, target, set_)
-    else:
-        raise UserError(f"'{target}' does not exist: pass a TOML config (e.g. config/debug.toml) or a run folder")
+    cfg, _ = config_from(target, set_)
     notes = []
     if cfg.model.vocab_size == 0:
         if (Path(cfg.data.dir) / "meta.json").exists():

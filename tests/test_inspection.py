@@ -146,9 +146,9 @@ def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_pat
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["missing/run"], "does not exist"),
+    (["missing/run"], "not found"),
     (["missing.toml"], "not found"),
-    ([REPO_ROOT / "config"], "no ckpt.pt"),
+    ([REPO_ROOT / "config"], "no checkpoint"),
     ([DEBUG, "--set", "model.n_kv_head=3"], "n_kv_head"),
     ([DEBUG, "--batch-size", "0"], "--batch-size"),
 ])

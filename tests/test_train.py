@@ -130,14 +130,14 @@ def test_float16_uses_a_grad_scaler_and_saves_it(char_data, tmp_path):
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(2)}})
+    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(2)}, "config": {}})
 
     def crash(*a, **kw):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.zeros(2)}})
+        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.zeros(2)}, "config": {}})
     assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
@@ -145,7 +145,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, damage):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(1000)}})
+    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(1000)}, "config": {}})
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
     with pytest.raises(UserError, match="corrupt"):
