@@ -351,6 +351,19 @@ def open_split(data_dir: str | Path, split: str, meta: dict | None = None) -> np
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def check_token_ids(data_dir: str | Path, split: str, meta: dict, chunk: int = 1 << 24) -> None:
+    """Every id of a split must be below vocab_size: a corrupt or foreign .bin would index past the embedding."""
+    data = open_split(data_dir, split, meta)
+    for start in range(0, len(data), chunk):
+        part = np.asarray(data[start:start + chunk])
+        if part.size and int(part.max()) >= meta["vocab_size"]:
+            at = start + int(np.argmax(part >= meta["vocab_size"]))
+            raise UserError(
+                f"{Path(data_dir) / f'{split}.bin'} holds token id {int(data[at])} at position {at}, but vocab_size is "
+                f"{meta['vocab_size']}: the file is corrupt or from another tokenizer; re-run `minigpt prepare ... --force`"
+            )
+
+
 def write_dataset(out_dir: str | Path, train_ids, val_ids, meta: dict) -> dict:
     """Write train.bin, val.bin, meta.json (and tokenizer.tiktoken for bpe) atomically; return the full meta.
 

@@ -7,6 +7,7 @@ The walk from the command line: `minigpt train CONFIG` -> cli/main.py `train()` 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -14,16 +15,24 @@ import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+import zipfile
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
-from prepare_data import UserError, atomic_write, open_split, read_meta
+from prepare_data import UserError, atomic_write, check_token_ids, open_split, read_meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,14 +74,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 64  # sequences per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step: the batch is batch_size * grad_accum sequences
+    batch_size: int = 64  # sequences per micro-step (per process under torchrun)
+    grad_accum: int = 1  # micro-steps per optimizer step over all processes: with N processes each runs grad_accum / N
     max_iters: int = 5000  # optimizer steps
     eval_interval: int = 250  # evaluate, checkpoint and maybe replace best.pt every this many steps
     eval_iters: int = 200  # batches averaged per split for an evaluation: enough to see 0.01 differences
+    max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -84,10 +94,14 @@ class RunConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto: bf16 on GPUs that have it
     compile: bool = False  # torch.compile the model: faster steps after a compile of a minute or so
     seed: int = 1337
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
+    keep_last: int = 0  # also keep the last N evaluation checkpoints as step-NNNNNNN.pt; 0 = ckpt.pt and best.pt only
 
     def __post_init__(self) -> None:
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Runtime: device, autocast dtype, gradient scaler.
+# Runtime: device, autocast dtype, and the process group when torchrun started several processes.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,11 +136,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Runtime:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0  # this process, of world_size started by torchrun
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:  # only the first process logs and writes files
+        return self.rank == 0
 
     def autocast(self):
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over all processes (t itself with one)."""
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """Whether the flag is set in any process (so that all of them act alike)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,7 +177,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_runtime(run: RunConfig) -> Runtime:
+    """The device and dtype; under torchrun (WORLD_SIZE > 1) also the process group: NCCL between GPUs,
+    gloo between CPU processes, one GPU per process (LOCAL_RANK)."""
     device = resolve_device(run.device)
+    rank, world_size = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+        rank = dist.get_rank()
     if run.dtype == "auto":
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -156,11 +198,47 @@ def setup_runtime(run: RunConfig) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores: ~8x, 1e-3 relative error
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, dtype)
+    return Runtime(device, dtype, rank, world_size)
+
+
+def parallelize(model: GPT, cfg: Config, rt: Runtime) -> torch.nn.Module:
+    """Under torchrun, shard the model in place with FSDP2 (each block, then the root) before the optimizer
+    sees its parameters; DDP instead wraps it after (see `wrap_for_training`). The raw module stays the
+    one whose weights are saved."""
+    if rt.world_size > 1 and cfg.run.distributed == "fsdp":
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def wrap_for_training(model: GPT, cfg: Config, rt: Runtime) -> torch.nn.Module:
+    if rt.world_size > 1 and cfg.run.distributed == "ddp":
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if cfg.run.compile else model
+
+
+@contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Under DDP or FSDP, skip the gradient all-reduce for micro-steps whose gradients only accumulate: it must be
+    off before their forward pass, and on again for the last micro-step."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if enabled or not isinstance(model, (DDP, FSDPModule)):
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batches: random windows of the token file, from a seeded generator whose state goes into checkpoints.
+# Batches: random windows of the token file. Micro-batch i of step s is drawn from a generator seeded with
+# (seed, s, i) alone, so a resumed run, or one spread over any number of processes, sees exactly the same data.
 
 
 MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
@@ -170,7 +248,7 @@ class Batches:
     def __init__(self, data_dir: str | Path, meta: dict, split: str, batch_size: int, model: GPTConfig,
                  device: torch.device, seed: int):
         self.data_dir, self.meta, self.split = Path(data_dir), meta, split
-        self.batch_size, self.model, self.device = batch_size, model, device
+        self.batch_size, self.model, self.device, self.seed = batch_size, model, device, seed
         self.block_size = block_size = model.block_size
         self.n_tokens = meta[f"{split}_tokens"]
         if self.n_tokens <= block_size:
@@ -178,36 +256,31 @@ class Batches:
                 f"{split} split of {data_dir} has {self.n_tokens} tokens, fewer than block_size + 1 "
                 f"({block_size + 1}); use a smaller model.block_size or more data"
             )
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y (B, T) int64, y shifted by one; on the device."""
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (B, T) int64 for micro-batch `micro` of step `step`, y shifted by one; on the device."""
+        seed = np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed))
         data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
-        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=generator)
         windows = np.stack([data[i:i + self.block_size + 1] for i in starts.tolist()]).astype(np.int64)
         xy = torch.from_numpy(windows)  # (B, T + 1)
-        x, y = self.objective(xy[:, :-1], xy[:, 1:])
+        x, y = self.objective(xy[:, :-1], xy[:, 1:], generator)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (-1 = no target) for the model's attention mask. Causal: the next token.
         Prefix-LM: no targets inside the prefix, where each token sees the one it would predict. Bidirectional:
         every token sees every other, so predict hidden ones instead (BERT's masked LM; always [MASK], no 80/10/10)."""
         if self.model.attn_mask == "prefix":
             return x, y.index_fill(1, torch.arange(self.model.prefix_len - 1), -1)
         if self.model.attn_mask == "bidirectional":
-            hidden = torch.rand(x.shape, generator=self.generator) < MLM_MASK_RATE
+            hidden = torch.rand(x.shape, generator=generator) < MLM_MASK_RATE
             hidden[:, 0] |= ~hidden.any(dim=1)  # at least one target per row
             return x.masked_fill(hidden, self.model.mask_token), x.masked_fill(~hidden, -1)
         return x, y
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,9 +311,12 @@ def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torc
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically (a temporary file, fsynced, renamed), so a crash never leaves a broken one;
-# loaded with weights_only=True, so a crafted file cannot run code.
+# checked against the CRC-32 of every record on load (torch.load alone reads flipped bits without a word), and
+# loaded with weights_only=True, so a crafted file cannot run code. Weights and optimizer state are stored
+# whole (gathered from every process under FSDP), so a run resumes on any number of processes.
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -259,8 +335,12 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train one first with `minigpt train CONFIG`")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every record and checks its CRC-32
+        if damaged is not None:
+            raise ValueError(f"record {damaged} fails its CRC check")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, or a pickle that weights_only refuses
+    except Exception as e:  # truncated zip, garbage bytes, flipped bits, or a pickle that weights_only refuses
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or not a minigpt checkpoint ({reason[:200]}); "
                         "use another checkpoint (e.g. best.pt) or train again") from None
@@ -268,6 +348,54 @@ def load_checkpoint(path: str | Path) -> dict:
             or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a minigpt checkpoint (version {CHECKPOINT_VERSION}); train again")
     return state
+
+
+def keep_last_checkpoints(out_dir: Path, step: int, keep_last: int) -> None:
+    """Copy ckpt.pt to step-NNNNNNN.pt and delete all but the newest keep_last of those."""
+    if keep_last == 0:
+        return
+    copy_checkpoint(out_dir / "ckpt.pt", out_dir / f"step-{step:07d}.pt")
+    for old in sorted(out_dir.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+
+
+@contextmanager
+def run_lock(out_dir: Path):
+    """One training process per run folder. An flock on out_dir/lock, which holds the owner's pid: the kernel
+    releases it when its process dies, however it dies, so a lock left by a killed run is simply taken over."""
+    with open(out_dir / "lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{out_dir} is in use by another training process (pid {f.read().strip() or '?'}); "
+                            "wait for it to finish, or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def tidy_run_dir(out_dir: Path, step: int) -> None:
+    """Before a run continues in out_dir: remove temporary files of saves that a crash interrupted, and the
+    metrics past the checkpoint's step (those steps are about to be trained again)."""
+    for tmp in out_dir.glob(".*.tmp"):
+        tmp.unlink()
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+                pass
+        atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -395,42 +523,54 @@ def stop_on_signals():
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: Batches, rt: Runtime, lr: float, grad_accum: int, grad_clip: float) -> torch.Tensor:
-    """Accumulate gradients over `grad_accum` micro-batches, clip, step. Returns the mean loss (a tensor,
-    so the caller decides when to pay for a device sync)."""
+               batches: Batches, step: int, rt: Runtime, lr: float, micro_steps: int,
+               grad_clip: float) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over this process's `micro_steps` micro-batches of step `step`.
+
+    Gradients accumulate locally and are synchronised across processes on the last micro-step only; they are
+    clipped after that reduction. Returns the loss averaged over all processes, and whether the step was skipped
+    because the loss or the gradient norm was not finite (every process decides alike: the gradients and the
+    averaged loss are the same everywhere)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=rt.device)
-    for _ in range(grad_accum):
-        x, y = batches.next()
-        with rt.autocast():
+    first = rt.rank * micro_steps  # this process's share of the step's micro-batches
+    for i in range(micro_steps):
+        x, y = batches.get(step, first + i)
+        with gradient_sync(model, enabled=i == micro_steps - 1), rt.autocast():
             _, loss = model(x, y)
-        scaler.scale(loss / grad_accum).backward()  # the mean over micro-batches, not the sum
+            scaler.scale(loss / micro_steps).backward()  # the mean over micro-batches, not the sum
         total += loss.detach()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss = rt.sum(total) / (micro_steps * rt.world_size)
+    scaler.unscale_(optimizer)  # check and clip the true gradients, not the float16-scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # float16's scaler skips overflowing steps by itself (and lowers its scale); only a bad loss counts there
+    checks = loss if scaler.is_enabled() else torch.stack([loss, norm.to(loss.device).float()])
+    bad = not bool(torch.isfinite(checks).all())  # one host sync per step
+    if bad and not scaler.is_enabled():
+        optimizer.zero_grad(set_to_none=True)  # skip: the weights stay as they were
+        return loss, True
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum
+    return loss, bad
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: Config, meta: dict, rt: Runtime) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split. The batches come from a fixed seed, so every
-    evaluation of a run (and of runs with the same seed) sees the same windows."""
+    """Mean loss over eval_iters batches per split, shared out among the processes. The batches come from a
+    fixed seed, so every evaluation of a run (and of runs with the same seed) sees the same windows."""
     model.eval()
     losses = {}
     for i, split in enumerate(("train", "val")):
         batches = Batches(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model, rt.device,
                           seed=cfg.run.seed + 1 + i)
         total = torch.zeros((), device=rt.device)
-        for _ in range(cfg.train.eval_iters):
-            x, y = batches.next()
+        for j in range(rt.rank, cfg.train.eval_iters, rt.world_size):
+            x, y = batches.get(j)
             with rt.autocast():
-                total += model(x, y)[1]
-        losses[split] = (total / cfg.train.eval_iters).item()
+                total += model(x, y)[1].float()
+        losses[split] = (rt.sum(total) / cfg.train.eval_iters).item()
     model.train()
     return losses
 
@@ -460,12 +600,44 @@ def resolve_vocab(cfg: Config, meta: dict, data_dir: str) -> Config:
     return cfg
 
 
+def micro_steps_per_process(cfg: Config, rt: Runtime) -> int:
+    if cfg.train.grad_accum % rt.world_size:
+        raise UserError(f"train.grad_accum ({cfg.train.grad_accum}) must be a multiple of the number of processes "
+                        f"({rt.world_size}): it counts the micro-steps of one optimizer step over all of them")
+    return cfg.train.grad_accum // rt.world_size
+
+
+def check_memory(cfg: Config, rt: Runtime, n_params: int) -> None:
+    """Refuse a batch that cannot fit: the float32 logits and the weights alone are a lower bound on memory."""
+    if rt.device.type == "cuda":
+        available = torch.cuda.mem_get_info(rt.device)[0]
+    elif rt.device.type == "cpu" and Path("/proc/meminfo").exists():
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        available = int(meminfo.get("MemAvailable", "0 kB").split()[0]) * 1024 or None
+    else:
+        return
+    needed = 4 * (cfg.train.batch_size * cfg.model.block_size * cfg.model.padded_vocab_size + 4 * n_params)
+    if available and needed > available:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} x model.block_size {cfg.model.block_size} needs "
+                        f"at least {needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {rt.device}; "
+                        "lower train.batch_size (and raise train.grad_accum to keep the batch)")
+
+
 def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None = None) -> TrainResult:
     """Train from scratch, or continue from `checkpoint` (a dict from load_checkpoint) in cfg.run.out_dir.
 
     `config_text`, when given, is written to out_dir/config.toml (the resolved config, for people and scripts).
+    Under torchrun every process runs this; only the first logs and writes files.
     """
     rt = setup_runtime(cfg.run)
+    try:
+        return _train(cfg, rt, checkpoint, config_text)
+    finally:
+        if rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
     meta = read_meta(cfg.data.dir)
     cfg = resolve_vocab(cfg, meta, cfg.data.dir)
     out_dir = Path(cfg.run.out_dir)
@@ -475,99 +647,145 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
     if checkpoint is not None and checkpoint["tokenizer"] != meta["tokenizer"]:
         raise UserError(f"the checkpoint's tokenizer differs from the one in {cfg.data.dir}/meta.json; "
                         "resume with the data the run was trained on (--set data.dir=...)")
-
+    micro_steps = micro_steps_per_process(cfg, rt)
     batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, rt.device, seed=cfg.run.seed)
     Batches(cfg.data.dir, meta, "val", 1, cfg.model, rt.device, seed=0)  # val is long enough too
+    for split in ("train", "val"):
+        check_token_ids(cfg.data.dir, split, meta)
+
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     model = GPT(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
+    check_memory(cfg, rt, model.num_params(non_embedding=False))
+    torch.manual_seed(cfg.run.seed + rt.rank)  # but each its own dropout
+    parallelize(model, cfg, rt)
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step, best_val_loss, tokens_seen = 0, float("inf"), 0
     if checkpoint is not None:
         try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
+            set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
+            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
+        except (RuntimeError, KeyError, ValueError) as e:
             detail = " ".join(str(e).split())[:300]
             raise UserError(f"the checkpoint's weights do not fit the configured model ({detail}); "
                             "do not change [model] shapes when resuming") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        batches.load_state_dict(checkpoint["sampler"])
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
-        set_rng_state(checkpoint["rng"], rt.device)
-    step_model = torch.compile(model) if cfg.run.compile else model
+        if rt.world_size == 1:  # the random streams of one process; several each reseed their own above
+            set_rng_state(checkpoint["rng"], rt.device)
+    step_model = wrap_for_training(model, cfg, rt)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config_text is not None:
-        (out_dir / "config.toml").write_text(config_text)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
     flops_per_step = model.flops_per_token(cfg.model.block_size) * tokens_per_step
     peak = device_peak_flops(rt)
-    n_params = model.num_params()
-    print(f"model: {n_params / 1e6:.2f}M parameters | {rt.device} {str(rt.dtype).removeprefix('torch.')} | "
-          f"{tokens_per_step:,} tokens/step | " + (f"resuming at step {step}" if step else "from scratch"), flush=True)
+    peak = peak * rt.world_size if peak else None
+    if rt.is_main:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters | {rt.world_size} x {rt.device} "
+              f"{str(rt.dtype).removeprefix('torch.')} | {tokens_per_step:,} tokens/step | "
+              + (f"resuming at step {step}" if step else "from scratch"), flush=True)
 
-    def state() -> dict:
+    def state() -> dict | None:
+        """The checkpoint; under FSDP every process must call this (the weights are gathered), rank 0 gets it."""
+        weights = get_model_state_dict(model, options=FULL_STATE)
+        moments = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+        if not rt.is_main:
+            return None
+        if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+            raise RuntimeError("refusing to save non-finite weights")  # never over a good checkpoint
         return {
-            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
-            "tokenizer": meta["tokenizer"], "rng": rng_state(rt.device), "sampler": batches.state_dict(),
+            "tokenizer": meta["tokenizer"], "rng": rng_state(rt.device),
+            "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
         }
 
-    logger = Logger(cfg, out_dir)
-    last_eval, stopped_by = None, None
+    def save(improved: bool = False, evaluated: bool = False) -> None:
+        snapshot = state()
+        if not rt.is_main:
+            return
+        try:
+            save_checkpoint(out_dir / "ckpt.pt", snapshot)
+            if improved:
+                copy_checkpoint(out_dir / "ckpt.pt", out_dir / "best.pt")
+            if evaluated:
+                keep_last_checkpoints(out_dir, step, cfg.run.keep_last)
+        except OSError as e:
+            raise UserError(f"could not save a checkpoint in {out_dir} ({e.strerror or e}); the previous checkpoint "
+                            "is intact: free some space (or fix the permissions) and resume") from None
+
+    last_eval, stopped_by, bad_in_a_row, skipped = None, None, 0, 0
     step_time, windows_logged, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
-    try:
-        with stop_on_signals() as stop:
-            model.train()
-            while step < cfg.train.max_iters:
-                lr = lr_at(step, cfg.optim, cfg.train.max_iters)
-                loss = train_step(step_model, optimizer, scaler, batches, rt, lr, cfg.train.grad_accum,
-                                  cfg.optim.grad_clip)
-                step += 1
-                tokens_seen += tokens_per_step
-                window_steps += 1
-                if step % cfg.log.interval == 0 or step == cfg.train.max_iters:
-                    loss_value = loss.item()  # the one host sync per logging interval
-                    now = time.perf_counter()
-                    dt = (now - window_start) / window_steps
-                    # the first window holds warm-up (and compilation): the second replaces it, then an average
-                    step_time = dt if windows_logged < 2 else 0.7 * step_time + 0.3 * dt
-                    windows_logged += 1
-                    tok_s = tokens_per_step / step_time
-                    mfu = flops_per_step / step_time / peak if peak else None
-                    eta = format_duration((cfg.train.max_iters - step) * step_time)
+    with ExitStack() as cleanup:
+        logger = None  # the lock, the log and the files belong to the first process
+        if rt.is_main:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                cleanup.enter_context(run_lock(out_dir))
+            except OSError as e:
+                raise UserError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --set run.out_dir=...") from None
+            tidy_run_dir(out_dir, step)
+            if config_text is not None:
+                (out_dir / "config.toml").write_text(config_text)
+            logger = Logger(cfg, out_dir)
+            cleanup.callback(logger.close)
+        stop = cleanup.enter_context(stop_on_signals())
+        model.train()
+        while step < cfg.train.max_iters:
+            lr = lr_at(step, cfg.optim, cfg.train.max_iters)
+            loss, bad = train_step(step_model, optimizer, scaler, batches, step, rt, lr, micro_steps,
+                                   cfg.optim.grad_clip)
+            step += 1  # a skipped step still uses up its batches and its place in the schedule
+            tokens_seen += tokens_per_step
+            window_steps += 1
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            skipped += bad
+            if bad and rt.is_main:
+                print(f"step {step}: non-finite loss or gradient ({loss.item():.4g}); step skipped "
+                      f"({bad_in_a_row} in a row)", flush=True)
+            if bad_in_a_row >= cfg.train.max_bad_steps:  # the weights were never updated with them: no save needed
+                raise UserError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopped at step {step}. "
+                    f"The last good checkpoint is {out_dir}/ckpt.pt: resume it with a lower optim.lr, "
+                    "or run.dtype=bfloat16 instead of float16")
+            if step % cfg.log.interval == 0 or step == cfg.train.max_iters:
+                loss_value = loss.item()
+                now = time.perf_counter()
+                dt = (now - window_start) / window_steps
+                # the first window holds warm-up (and compilation): the second replaces it, then an average
+                step_time = dt if windows_logged < 2 else 0.7 * step_time + 0.3 * dt
+                windows_logged += 1
+                tok_s = tokens_per_step / step_time
+                mfu = flops_per_step / step_time / peak if peak else None
+                eta = format_duration((cfg.train.max_iters - step) * step_time)
+                if rt.is_main:
                     print(f"step {step:>6}/{cfg.train.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s | " + (f"mfu {100 * mfu:.1f}% | " if mfu else "") + f"eta {eta}",
                           flush=True)
-                    aux = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
-                    logger.record(step, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu, tokens_seen=tokens_seen,
-                                  **aux)
-                    window_start, window_steps = time.perf_counter(), 0
-                if stop.requested:
-                    stopped_by = stop.requested
-                    break
-                if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
-                    last_eval = evaluate(step_model, cfg, meta, rt)
-                    improved = last_eval["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, last_eval["val"])
+                    extra = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
+                    logger.record(step, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                                  tokens_seen=tokens_seen, skipped_steps=skipped, **extra)
+                window_start, window_steps = time.perf_counter(), 0
+            if rt.any(stop.requested is not None):  # every process stops at the same step
+                stopped_by = stop.requested or "a signal to another process"
+                break
+            if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
+                last_eval = evaluate(step_model, cfg, meta, rt)
+                improved = last_eval["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, last_eval["val"])
+                if rt.is_main:
                     print(f"eval {step}: train {last_eval['train']:.4f} | val {last_eval['val']:.4f}"
                           + (" | new best" if improved else ""), flush=True)
                     logger.record(step, train_loss=last_eval["train"], val_loss=last_eval["val"],
                                   best_val_loss=best_val_loss)
-                    save_checkpoint(out_dir / "ckpt.pt", state())
-                    if improved:
-                        copy_checkpoint(out_dir / "ckpt.pt", out_dir / "best.pt")
-                    window_start, window_steps = time.perf_counter(), 0  # eval time is not training speed
-            if stopped_by or step % cfg.train.eval_interval:  # work since the last checkpoint must not be lost
-                save_checkpoint(out_dir / "ckpt.pt", state())
-    finally:
-        logger.close()
-    if stopped_by:
+                save(improved=improved, evaluated=True)
+                window_start, window_steps = time.perf_counter(), 0  # eval time is not training speed
+        if stopped_by or step % cfg.train.eval_interval:  # work since the last checkpoint must not be lost
+            save()
+    if stopped_by and rt.is_main:
         print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out_dir}/ckpt.pt\n"
               f"resume with: minigpt train --resume {out_dir}", flush=True)
     return TrainResult(step, best_val_loss, last_eval, stopped_by)
