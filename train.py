@@ -56,8 +56,8 @@ class OptimConfig:
     lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at train.max_iters
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:  # also catches NaN
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 1:  # also catches NaN; AdamW moves each weight by about lr per step
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
         if not self.weight_decay >= 0:
@@ -566,10 +566,13 @@ def evaluate(model: torch.nn.Module, cfg: Config, meta: dict, rt: Runtime) -> di
         batches = Batches(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model, rt.device,
                           seed=cfg.run.seed + 1 + i)
         total = torch.zeros((), device=rt.device)
-        for j in range(rt.rank, cfg.train.eval_iters, rt.world_size):
-            x, y = batches.get(j)
+        rounds = -(-cfg.train.eval_iters // rt.world_size)  # every process runs as many forward passes:
+        for j in range(rt.rank, rounds * rt.world_size, rt.world_size):  # FSDP gathers weights collectively
+            x, y = batches.get(min(j, cfg.train.eval_iters - 1))
             with rt.autocast():
-                total += model(x, y)[1].float()
+                loss = model(x, y)[1].float()
+            if j < cfg.train.eval_iters:  # a padding pass counts for nothing
+                total += loss
         losses[split] = (rt.sum(total) / cfg.train.eval_iters).item()
     model.train()
     return losses
@@ -693,8 +696,11 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         moments = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
         if not rt.is_main:
             return None
-        if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
-            raise RuntimeError("refusing to save non-finite weights")  # never over a good checkpoint
+        finite = all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+        if not finite or (last_eval and not all(math.isfinite(v) for v in last_eval.values())):
+            raise UserError(f"the {'weights' if not finite else 'evaluation loss'} became non-finite by step {step} "
+                            f"(is optim.lr too high?); nothing was saved over {out_dir}/ckpt.pt: resume it with a "
+                            "lower optim.lr")
         return {
             "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,

@@ -124,7 +124,7 @@ def sample(
         try:
             prompt = prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -55,11 +55,11 @@ def test_help_is_instant_and_imports_no_torch():
 def test_print_config_prints_the_resolved_toml(tmp_path):
     import tomllib
 
-    result = CliRunner().invoke(app, ["train", str(REPO_ROOT / "config" / "debug.toml"), "--set", "optim.lr=2",
+    result = CliRunner().invoke(app, ["train", str(REPO_ROOT / "config" / "debug.toml"), "--set", "optim.lr=0.5",
                                       "--set", "model.n_layer=3", "--print-config"])
     assert result.exit_code == 0, result.output
     resolved = tomllib.loads(result.stdout)
-    assert resolved["optim"]["lr"] == 2.0 and resolved["model"]["n_layer"] == 3
+    assert resolved["optim"]["lr"] == 0.5 and resolved["model"]["n_layer"] == 3
     assert resolved["train"]["max_iters"] == 40  # from the file
     assert not (tmp_path / "out").exists()
 
@@ -132,7 +132,7 @@ BAD = {
     "unknown key": (["train", "{debug}", "--set", "optim.learning_rate=1"], "did you mean 'optim.lr'"),
     "ill-typed key": (["train", "{debug}", "--set", "optim.lr=fast"], "optim.lr"),
     "bad value": (["train", "{debug}", "--set", "model.n_embd=33"], "divisible by n_head"),
-    "negative lr": (["train", "{debug}", "--set", "optim.lr=-1"], "lr must be > 0"),
+    "negative lr": (["train", "{debug}", "--set", "optim.lr=-1"], "lr must be in (0, 1]"),
     "missing data dir": (["train", "{debug}", "--set", "data.dir={root}/nodata", "--set", "run.out_dir={root}/new"],
                          "minigpt prepare"),
     "vocab disagrees": (["train", "{debug}", "--set", "data.dir={data}", "--set", "model.vocab_size=7",
