@@ -603,6 +603,17 @@ def resolve_vocab(cfg: Config, meta: dict, data_dir: str) -> Config:
     return cfg
 
 
+def with_vocab(cfg: Config) -> tuple[Config, str | None]:
+    """For looking at a config before (or without) training it: model.vocab_size from the prepared data when
+    there is some, else GPT-2's padded 50,304. Returns the config and a note when the data was not there."""
+    if (Path(cfg.data.dir) / "meta.json").exists():
+        return resolve_vocab(cfg, read_meta(cfg.data.dir), cfg.data.dir), None
+    note = f"{cfg.data.dir}/meta.json does not exist (yet): no data to read"
+    if cfg.model.vocab_size:
+        return cfg, note
+    return replace(cfg, model=replace(cfg.model, vocab_size=50304)), note + "; assuming GPT-2's vocabulary (50,304 padded)"
+
+
 def micro_steps_per_process(cfg: Config, rt: Runtime) -> int:
     if cfg.train.grad_accum % rt.world_size:
         raise UserError(f"train.grad_accum ({cfg.train.grad_accum}) must be a multiple of the number of processes "

@@ -151,22 +151,16 @@ def inspect(
 ):
     """Show what a model costs before training it: parameters, FLOPs, KV cache and activation memory."""
     import json
-    from dataclasses import replace
 
-    from prepare_data import UserError, read_meta
+    from prepare_data import UserError
 
     import inspection
     import train as trainer
 
     cfg, _ = config_from(target, set_)
-    notes = []
-    if cfg.model.vocab_size == 0:
-        if (Path(cfg.data.dir) / "meta.json").exists():
-            cfg = trainer.resolve_vocab(cfg, read_meta(cfg.data.dir), cfg.data.dir)
-        else:
-            cfg = replace(cfg, model=replace(cfg.model, vocab_size=50304))
-            notes.append(f"model.vocab_size is 0 and {cfg.data.dir}/meta.json does not exist yet: assuming 50304 "
-                         "(GPT-2's vocabulary, padded)")
+    vocab_was_set = cfg.model.vocab_size != 0
+    cfg, note = trainer.with_vocab(cfg)
+    notes = [note] if note and not vocab_was_set else []
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     try:
@@ -174,3 +168,72 @@ def inspect(
     except ValueError as e:
         raise UserError(f"cannot build this model: {e}") from None
     typer.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure training and sampling speed after warm-up.")
+app.add_typer(bench_app, name="bench")
+
+
+def echo_result(title: str, result: dict, as_json: bool) -> None:
+    import json
+
+    import bench
+
+    typer.echo(json.dumps(result) if as_json else bench.format_table(title, result))
+
+
+@bench_app.command("train")
+@one_line_errors
+def bench_train(
+    config: Path = typer.Argument(..., help="a TOML config (or a run folder, for its config)"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set run.compile=true"),
+    steps: int = typer.Option(20, help="timed optimizer steps"),
+    warmup: int = typer.Option(5, help="untimed steps first (compilation happens here)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """ms/step, tokens/s, TFLOP/s, MFU and peak memory of the configured training step."""
+    from prepare_data import UserError
+
+    import bench
+
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    cfg, _ = config_from(config, set_)
+    echo_result(f"bench train {config}", bench.bench_train(cfg, steps, warmup), as_json)
+
+
+@bench_app.command("sample")
+@one_line_errors
+def bench_sample(
+    target: Path = typer.Argument(..., help="a run folder (its trained model) or a TOML config (random weights)"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key (configs only)"),
+    batch: int = typer.Option(1, help="sequences decoded together"),
+    prompt_len: int = typer.Option(64, help="prompt tokens to prefill"),
+    new_tokens: int = typer.Option(200, help="tokens to decode"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Prefill ms and decode tokens/s, with and without the KV cache."""
+    from dataclasses import replace
+
+    import torch
+
+    from prepare_data import UserError
+
+    import bench
+    import sample as sampler
+    import train as trainer
+    from model import GPT
+
+    if batch < 1 or prompt_len < 1 or new_tokens < 2:
+        raise UserError("--batch and --prompt-len must be >= 1, --new-tokens >= 2")
+    if target.is_dir() or target.suffix == ".pt":
+        run = sampler.load_for_inference(target if target.is_dir() else target.parent, device=device)
+        model, rt = run.model, run.rt
+    else:
+        cfg, _ = config_from(target, set_)
+        cfg, _ = trainer.with_vocab(cfg)
+        rt = trainer.setup_runtime(replace(cfg.run, device=device))
+        torch.manual_seed(cfg.run.seed)
+        model = GPT(cfg.model).to(rt.device)
+    echo_result(f"bench sample {target}", bench.bench_sample(model, rt, batch, prompt_len, new_tokens), as_json)

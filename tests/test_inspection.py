@@ -109,7 +109,7 @@ def test_cli_prints_the_table_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("2 layers, 2 heads (kv 1), 32 wide, block 32")
     assert "MQA 1/2 heads: 2.0x smaller" in result.stdout
-    assert "note: model.vocab_size is 0" in result.stdout and "50304" in result.stdout
+    assert "meta.json does not exist (yet)" in result.stdout and "50,304" in result.stdout
 
     result = invoke(DEBUG, "--json", "--batch-size", "3", "--set", "run.dtype=float32",
                     "--set", f"data.dir={tmp_path / 'unprepared'}")
@@ -142,7 +142,7 @@ def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_pat
     torch.save({"version": train.CHECKPOINT_VERSION, "model": {}, "config": asdict(saved)}, run / "ckpt.pt")
     result = invoke(run, "--set", "model.n_kv_head=1")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "vocab_size is 0" not in result.stdout
+    assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "does not exist" not in result.stdout
 
 
 @pytest.mark.parametrize("args, expected", [
