@@ -45,8 +45,8 @@ def sync(device: torch.device) -> None:
 
 def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
     """Time `steps` optimizer steps of the configured run after `warmup` untimed ones."""
-    rt = train.setup_runtime(cfg.run)
     cfg, note = train.with_vocab(cfg)
+    rt = train.setup_runtime(cfg.run, cfg.model)
     real_data = note is None
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model).to(rt.device)

@@ -58,7 +58,7 @@ def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: 
     if checkpoint == "best" and not path.exists() and (run_dir / "ckpt.pt").exists():
         raise UserError(f"{run_dir} has no best.pt yet (no evaluation has run); use --checkpoint latest")
     state = load_checkpoint(path)
-    rt = setup_runtime(RunConfig(device=device))
+    rt = setup_runtime(RunConfig(device=device))  # float32 on a CPU: one token at a time gains nothing from bf16
     model = GPT(GPTConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
     model.to(rt.device).eval()
