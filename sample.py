@@ -91,8 +91,9 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     """Yield (next tokens (B, 1), the logits they were drawn from (B, vocab_size)) once per new token.
 
     With the cache: prefill the prompt, then feed one token per step. Past block_size tokens:
-    - learned positions end at block_size, so every position shifts each step and the cache cannot slide: it
-      is rebuilt from the last block_size tokens, exactly what the uncached path computes;
+    - learned positions end at block_size, so the cache cannot slide: when the context is full it moves on by
+      half a block and the cache is rebuilt from it, once per half block rather than every token (each token
+      sees between half a block and a block of context); the uncached path recomputes the same window;
     - other encodings continue their positions, each token seeing the last block_size (or attn_window) ones;
       the cache drops keys older than that, and the uncached path masks them out of the whole sequence.
     A prefix-LM treats the prompt as its prefix. A bidirectional (masked-LM) model predicts a [MASK] appended
@@ -114,23 +115,22 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
         cache = KVCache(cfg, prompt.size(0), max_len=min(block_size, 2 * chunk), device=prompt.device,
                         dtype=cache_dtype)
 
-    def window(reserve: int = 0) -> tuple[torch.Tensor, int]:  # the context to recompute, and its prefix length
-        context = idx if sliding else idx[:, -(block_size - reserve):]
-        return context, max(0, n_prompt - (idx.size(1) - context.size(1)))
-
-    fresh = True  # the cache holds nothing of idx yet
+    room = block_size - (mask_token is not None)  # a masked LM's [MASK] takes one position
+    start = 0  # with learned positions, the context is idx[:, start:]
+    fresh = True  # the cache holds nothing of the context yet
     for _ in range(max_new_tokens):
+        if not sliding and idx.size(1) - start > room:  # full: move the window on by half a block
+            start, fresh = idx.size(1) - max(1, room // 2), True
+        context = idx[:, start:]
+        prefix = max(0, n_prompt - start)  # the prompt is a prefix-LM's prefix
         with autocast:
             if mask_token is not None:
-                context, prefix = window(reserve=1)
                 masked = torch.cat([context, torch.full_like(context[:, :1], mask_token)], dim=1)
                 logits = model(masked, prefix_len=prefix)[0]
             elif cache is None:
-                context, prefix = window()
                 logits = model(context, prefix_len=prefix)[0]
-            elif fresh or (not sliding and cache.next_pos == block_size):
-                cache.reset()
-                context, prefix = window()  # learned positions restart at 0 in the rebuilt window
+            elif fresh:
+                cache.reset()  # learned positions restart at 0 in a rebuilt window
                 for part in context.split(chunk, dim=1):  # prefill (or rebuild)
                     logits = model(part, kv_cache=cache, prefix_len=prefix)[0]
                 fresh = False
