@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache
 from prepare_data import Tokenizer, UserError, load_tokenizer
-from train import Runtime, load_checkpoint, setup_runtime, RunConfig
+from train import Runtime, RunConfig, load_checkpoint, resolve_device, setup_runtime
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class LoadedRun:
 
 def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: str = "auto") -> LoadedRun:
     """The model (eval mode, on the device) and tokenizer of a run, from ckpt.pt ('latest') or best.pt."""
+    resolve_device(device)  # a bad --device is a one-line error before anything is read
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; train one with `minigpt train CONFIG`")

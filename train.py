@@ -88,6 +88,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def valid_device(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "out/run"  # checkpoints, metrics.jsonl and config.toml go here
@@ -99,7 +104,7 @@ class RunConfig:
     keep_last: int = 0  # also keep the last N evaluation checkpoints as step-NNNNNNN.pt; 0 = ckpt.pt and best.pt only
 
     def __post_init__(self) -> None:
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        if not valid_device(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
@@ -163,6 +168,8 @@ class Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
+    if not valid_device(name):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -171,9 +178,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --set run.device=cpu (or auto)")
+        raise UserError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use cpu (or auto) instead")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for, but MPS is not available; use --set run.device=cpu (or auto)")
+        raise UserError(f"device {name!r} asked for, but MPS is not available; use cpu (or auto) instead")
     return device
 
 

@@ -233,6 +233,7 @@ def bench_sample(
     else:
         cfg, _ = config_from(target, set_)
         cfg, _ = trainer.with_vocab(cfg)
+        trainer.resolve_device(device)  # a bad --device is a one-line error
         rt = trainer.setup_runtime(replace(cfg.run, device=device))
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model).to(rt.device)

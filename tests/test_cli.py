@@ -144,6 +144,8 @@ BAD = {
     "corrupt checkpoint": (["sample", "{root}/corrupt"], "corrupt"),
     "resume corrupt checkpoint": (["train", "--resume", "{root}/corrupt"], "corrupt"),
     "max_new_tokens 0": (["sample", "{root}/run", "--max-new-tokens", "0"], "max-new-tokens"),
+    "sample bad device": (["sample", "{root}/run", "--device", "tpu"], "device must be auto, cpu"),
+    "bench sample bad device": (["bench", "sample", "{debug}", "--device", "cuda:x"], "device must be auto, cpu"),
     "missing prompt file": (["sample", "{root}/run", "--prompt-file", "{root}/none.txt"], "prompt-file"),
     "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
     "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
