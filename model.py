@@ -204,6 +204,36 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout: zero each element with probability p and scale the rest by 1 / (1 - p).
+
+    On the CPU, torch's own dropout draws one Mersenne-Twister number per element through bernoulli_, about
+    7 ns each: with attention dropout that was a quarter of a baby-GPT training step. Here every 64-bit draw
+    gives four 16-bit uniforms (7x cheaper), so p is rounded to a multiple of 1/65536 (0.2 becomes 0.199997)
+    and the scale follows the rounded p, keeping the expectation exact. CUDA's fused dropout is already fast.
+    The draws come from torch's default generator, so torch.manual_seed and its saved state govern them.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    drop = round(p * 65536)  # int16 draws below -32768 + drop are dropped
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768
+    return torch.where(keep, x, 0.0) * (65536 / (65536 - drop))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -237,7 +267,14 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
     elif mask is not None:
         scores = scores + mask
     weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
-    return F.dropout(weights, dropout_p, training) @ v, weights
+    return dropout(weights, dropout_p, training) @ v, weights
+
+
+def sdpa_is_slow(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether training on the CPU is faster through the written-out attention than through SDPA: SDPA has no
+    CPU kernel with dropout (it falls back to the same math with torch's slower dropout), and its bfloat16
+    flash backward ran ~5x slower than the batched matmuls (torch 2.13; see docs/benchmarks.md)."""
+    return q.device.type == "cpu" and q.requires_grad and (dropout_p > 0.0 or q.dtype != torch.float32)
 
 
 class Attention(nn.Module):
@@ -250,7 +287,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None, layer: int = 0,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -268,7 +305,7 @@ class Attention(nn.Module):
             k, v = kv_cache.append(layer, k, v)  # (B, kvh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if reference:
+        if reference or sdpa_is_slow(q, dropout_p):
             k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
             y, weights = reference_attention(q, k, v, inputs, dropout_p, self.training)
         else:
@@ -291,7 +328,7 @@ class MLP(nn.Module):
         self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "swiglu": nn.SiLU()}[cfg.mlp]
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.c_fc(x))
@@ -365,7 +402,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_encoding == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # post-norm blocks already end in a norm
         self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm_placement == "pre" else nn.Identity()
@@ -461,7 +498,7 @@ class GPT(nn.Module):
                 x, weights = checkpoint(block, x, inputs, None, i, reference, use_reentrant=False)
             else:
                 x, weights = block(x, inputs, kv_cache, i, reference)
-            if weights is not None:
+            if reference:  # the weights of the CPU training path are not kept: T x T per layer
                 maps.append(weights)
         if kv_cache is not None:
             kv_cache.advance(T)

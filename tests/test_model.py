@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig, KVCache, causal_mask
 
@@ -118,3 +119,62 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(m(idx)[0], m(idx)[0], rtol=0, atol=0)
     m.train()
     assert not torch.allclose(m(idx)[0], m(idx)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_dropout_drops_at_rate_p_in_every_lane_and_keeps_the_expectation(p):
+    """Each 64-bit draw feeds four elements: every one of the four must drop at rate p, and the kept ones are
+    scaled so that the expectation is unchanged."""
+    from model import dropout
+
+    torch.manual_seed(0)
+    n = 1 << 20
+    out = dropout(torch.ones(n), p, training=True)
+    dropped = out == 0
+    scale = out[~dropped].unique()
+    assert scale.numel() == 1  # every kept element is scaled alike: 1 / (1 - p), p rounded to 1/65536
+    assert scale.item() == pytest.approx(1 / (1 - p), rel=1e-4)
+    sigma = (p * (1 - p) / (n / 4)) ** 0.5
+    for lane in range(4):  # the four 16-bit quarters of each draw
+        assert abs(dropped[lane::4].float().mean().item() - p) < 5 * sigma
+    assert out.mean().item() == pytest.approx(1.0, abs=5 * sigma * 4)
+
+
+def test_dropout_follows_the_torch_seed_and_its_gradient_is_the_mask():
+    from model import dropout
+
+    x = torch.randn(3, 1000, requires_grad=True)
+    torch.manual_seed(1)
+    a = dropout(x, 0.3, training=True)
+    torch.manual_seed(1)
+    b = dropout(x, 0.3, training=True)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dropout(x, 0.3, training=True))  # the generator moved on
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, (a != 0).float() * (a / x).max(), rtol=1e-6, atol=0)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_cpu_training_attention_path_matches_sdpa():
+    """On the CPU, training in bfloat16 (or with dropout) goes through the written-out attention instead of SDPA
+    (it is faster there): at dropout 0 it must give SDPA's loss and gradients, within bfloat16 rounding."""
+    from model import sdpa_is_slow
+
+    q = torch.zeros(1, 1, 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert sdpa_is_slow(q, 0.0) and sdpa_is_slow(q.float(), 0.1) and not sdpa_is_slow(q.float(), 0.0)
+    assert not sdpa_is_slow(q.detach(), 0.0)  # inference keeps SDPA's flash kernel
+
+    torch.manual_seed(0)
+    m = GPT(tiny(block_size=32)).train()
+    idx, targets = torch.randint(0, 50, (4, 32)), torch.randint(0, 50, (4, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = m(idx, targets)[1]  # weights that require grad: the written-out path
+        with torch.no_grad():
+            sdpa = m(idx, targets)[1]  # no grad: SDPA
+    assert fast.item() == pytest.approx(sdpa.item(), abs=2e-2)
+    fast.backward()
+    ref = GPT(tiny(block_size=32)).train()
+    ref.load_state_dict(m.state_dict())
+    ref(idx, targets)[1].backward()  # float32 training: SDPA's gradients
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        assert F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0) > 0.99, name
