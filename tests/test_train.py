@@ -228,3 +228,22 @@ def test_wandb_offline_logs_the_run_and_is_untouched_when_off(char_data, tmp_pat
     train.train(tiny_config(char_data, tmp_path / "on", train={"max_iters": 2}, log={"wandb": True}))
     runs = list((tmp_path / "on" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_cpu_runtime_keeps_freed_memory_on_glibc():
+    """On glibc, setup_runtime raises malloc's mmap threshold so that freed activations are reused, not handed
+    back to the kernel and page-faulted in again at the next step; elsewhere it does nothing and says so."""
+    import platform
+    import resource
+
+    def faults_touching_a_fresh_block() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MB: over glibc's default threshold of 32 MB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    train.setup_runtime(train.RunConfig(device="cpu"))
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert train.keep_freed_memory() is glibc
+    if glibc:
+        faults_touching_a_fresh_block()  # the first touch faults the pages in once
+        assert faults_touching_a_fresh_block() < 1000  # unmapped each time, it would be 16,384 (64 MB / 4 KB)
