@@ -3,18 +3,33 @@ timed after warm-up (and compilation), on the configured device and dtype.
 
     bench_train(cfg, steps)  -> ms/step, tokens/s, achieved TFLOP/s, MFU, peak memory
     bench_sample(...)        -> prefill ms, decode tokens/s with and without the KV cache
+    compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import re
 import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 import torch
 
 import train
-from model import GPT, KVCache
-from prepare_data import read_meta
+from model import GPT, GPTConfig, KVCache
+from prepare_data import UserError, read_meta
 from sample import decode_steps
 
 
@@ -138,3 +153,336 @@ def format_table(title: str, result: dict) -> str:
 
     width = max(map(len, result))
     return "\n".join([title] + [f"  {k:<{width}}  {show(v):>14}" for k, v in result.items()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Side by side with nanoGPT (github.com/karpathy/nanoGPT), in its own checkout: we run its scripts, we copy
+# none of its code. Both tools run as fresh processes of this interpreter, alternately, so that a busy machine
+# slows both alike; nanoGPT takes its shapes from our resolved config, so the two cannot drift apart.
+
+REPO_ROOT = Path(__file__).resolve().parent
+NANOGPT_DATA = Path("data") / "shakespeare_char"  # what its config/train_shakespeare_char.py reads
+NANOGPT_CONFIG = "config/train_shakespeare_char.py"
+# nanoGPT's model is the GPT-2 block, which GPTConfig's defaults describe: a config changing any of these
+# would compare two different models
+NANOGPT_FIXED = ("pos_encoding", "n_kv_head", "attn_window", "qk_norm", "attn_mask", "norm", "norm_placement", "mlp",
+                 "mlp_hidden", "n_experts", "grad_checkpointing")
+
+
+@dataclass(frozen=True)
+class Case:
+    title: str
+    config: str  # ours, relative to the repository
+    overrides: tuple[str, ...]
+    target: float  # the issue's goal for minigpt / nanoGPT
+    steps: int = 0  # training cases: timed and untimed steps by default
+    warmup: int = 0
+
+
+CASES = {
+    "cpu": Case("train, nanoGPT's CPU shapes", "config/shakespeare_char_cpu.toml", (), 1.5, steps=100, warmup=10),
+    "baby": Case("train, baby GPT", "config/shakespeare_char.toml", ("run.device=cpu",), 2.0, steps=4, warmup=1),
+    "sample": Case("sample, baby GPT", "config/shakespeare_char.toml", ("run.device=cpu",), 5.0),
+}
+
+_ITER_LINE = re.compile(r"^iter (\d+): loss [^,\s]+, time ([\d.]+)ms", re.M)
+_EVAL_LINE = re.compile(r"^step (\d+): train loss [^,\s]+, val loss ([^,\s]+)", re.M)
+
+
+def parse_nanogpt_iter_ms(text: str) -> dict[int, float]:
+    """{iteration: ms} from nanoGPT's `iter 5: loss 3.9758, time 169.28ms, mfu 0.01%` lines."""
+    return {int(m[1]): float(m[2]) for m in _ITER_LINE.finditer(text)}
+
+
+def parse_nanogpt_val_loss(text: str) -> float | None:
+    """The last val loss of nanoGPT's `step 2000: train loss 1.7610, val loss 1.8835` lines; None if there is none."""
+    evals = _EVAL_LINE.findall(text)
+    return float(evals[-1][1]) if evals else None
+
+
+def tokens_per_s_from_runs(new_tokens: int, seconds: float, seconds_one: float) -> float:
+    """Decode speed of a script that reports no timing: its whole runs for N tokens and for 1 differ only by the
+    N - 1 extra tokens, so start-up and checkpoint loading cancel out."""
+    if seconds <= seconds_one:
+        raise UserError(f"sampling {new_tokens} tokens took no longer than sampling 1 ({seconds:.2f} s vs "
+                        f"{seconds_one:.2f} s): the machine is too busy to time it; try again when it is quieter")
+    return (new_tokens - 1) / (seconds - seconds_one)
+
+
+def run_process(cmd: Sequence[str], cwd: Path, what: str) -> str:
+    """Run a command to completion and return its stdout; a failure becomes one UserError line."""
+    try:
+        proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+    except OSError as e:
+        raise UserError(f"cannot run {what}: {e.strerror or e}") from None
+    if proc.returncode:
+        tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-2:])[-300:]
+        raise UserError(f"{what} failed with exit code {proc.returncode}: {tail or 'nothing on stderr'} "
+                        f"[ran: cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}]")
+    return proc.stdout
+
+
+def check_nanogpt_dir(nanogpt_dir: Path) -> None:
+    clone = "clone it with `git clone https://github.com/karpathy/nanoGPT` and pass that folder"
+    if not nanogpt_dir.is_dir():
+        raise UserError(f"{nanogpt_dir} is not a folder: {clone}")
+    needed = ("train.py", "sample.py", "configurator.py", NANOGPT_CONFIG)
+    missing = [f for f in needed if not (nanogpt_dir / f).is_file()]
+    if missing:
+        raise UserError(f"{nanogpt_dir} is not a nanoGPT checkout, it has no {', '.join(missing)}: {clone}")
+
+
+def ensure_nanogpt_data(nanogpt_dir: Path, input_path: Path | None, log: Callable[[str], None]) -> None:
+    """nanoGPT reads its own train.bin, val.bin and meta.pkl: make them with its prepare.py when they are missing."""
+    data = nanogpt_dir / NANOGPT_DATA
+    if all((data / f).is_file() for f in ("train.bin", "val.bin", "meta.pkl")):
+        return
+    if not (data / "prepare.py").is_file():
+        raise UserError(f"{data} has neither prepared data nor the prepare.py that makes it: "
+                        f"is {nanogpt_dir} a complete nanoGPT checkout?")
+    if input_path is not None:  # else prepare.py downloads the corpus
+        try:
+            shutil.copyfile(input_path, data / "input.txt")
+        except OSError as e:
+            raise UserError(f"cannot copy --input {input_path} to {data / 'input.txt'}: {e.strerror or e}") from None
+    log(f"preparing nanoGPT's data with {data / 'prepare.py'}")
+    run_process([sys.executable, "prepare.py"], data, "nanoGPT's data/shakespeare_char/prepare.py")
+
+
+def nanogpt_vocab_size(nanogpt_dir: Path) -> int:
+    with open(nanogpt_dir / NANOGPT_DATA / "meta.pkl", "rb") as f:
+        return int(pickle.load(f)["vocab_size"])
+
+
+def check_like_nanogpt(cfg: train.Config, name: str) -> None:
+    default = GPTConfig()
+    differs = [f"model.{f} = {getattr(cfg.model, f)!r}" for f in NANOGPT_FIXED
+               if getattr(cfg.model, f) != getattr(default, f)]
+    if differs:
+        raise UserError(f"{name} sets {', '.join(differs)}, which nanoGPT's model does not have: compare a GPT-2 "
+                        "block (leave these at their defaults)")
+
+
+def nanogpt_train_command(cfg: train.Config, extra: Iterable[str]) -> list[str]:
+    """nanoGPT's train.py on the CPU at our config's shapes (its configurator reads Python literals)."""
+    m, t = cfg.model, cfg.train
+    return [sys.executable, "train.py", NANOGPT_CONFIG, "--device=cpu", "--compile=False",
+            f"--n_layer={m.n_layer}", f"--n_head={m.n_head}", f"--n_embd={m.n_embd}", f"--block_size={m.block_size}",
+            f"--batch_size={t.batch_size}", f"--gradient_accumulation_steps={t.grad_accum}",
+            f"--dropout={float(m.dropout)}", f"--bias={m.bias}", *extra]
+
+
+def nanogpt_train(nanogpt_dir: Path, cfg: train.Config, steps: int, warmup: int, out_dir: Path) -> dict:
+    """nanoGPT's train.py for warmup + steps iterations. It times each iteration itself, back to back, so the mean
+    of the timed ones is what `bench train` reports for ours: the time of the timed steps over their number. (The
+    median is kept too.) Iteration 0 also holds an evaluation (of one batch here), so warm-up must include it."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 (iteration 0 holds an evaluation), got {warmup}")
+    last = warmup + steps - 1  # it runs iterations 0 to max_iters
+    cmd = nanogpt_train_command(cfg, [f"--max_iters={last}", f"--lr_decay_iters={last}", f"--eval_interval={last + 1}",
+                                      "--eval_iters=1", "--log_interval=1", f"--out_dir={out_dir}"])
+    ms = parse_nanogpt_iter_ms(run_process(cmd, nanogpt_dir, "nanoGPT's train.py"))
+    timed = [ms[i] for i in range(warmup, last + 1) if i in ms]
+    if len(timed) < steps:
+        raise UserError(f"nanoGPT's train.py printed {len(timed)} of the {steps} `iter N: loss L, time T ms` lines "
+                        f"expected after warm-up: is {nanogpt_dir} nanoGPT?")
+    step_ms = statistics.fmean(timed)
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    return {"steps": steps, "warmup": warmup, "tokens_per_step": tokens, "ms_per_step": step_ms,
+            "tokens_per_s": tokens / step_ms * 1000, "ms_per_step_median": statistics.median(timed),
+            "command": shlex.join(cmd)}
+
+
+def nanogpt_checkpoint(nanogpt_dir: Path, cfg: train.Config, out_dir: Path) -> str:
+    """A ckpt.pt for sample.py: the evaluation at iteration 1 saves one (weights after one step, which the speed
+    of sampling does not depend on)."""
+    cmd = nanogpt_train_command(cfg, ["--max_iters=1", "--lr_decay_iters=1", "--eval_interval=1", "--eval_iters=1",
+                                      "--log_interval=1", "--always_save_checkpoint=True", f"--out_dir={out_dir}"])
+    run_process(cmd, nanogpt_dir, "nanoGPT's train.py (making a checkpoint to sample from)")
+    if not (out_dir / "ckpt.pt").is_file():
+        raise UserError(f"nanoGPT's train.py wrote no {out_dir / 'ckpt.pt'} for sample.py: is {nanogpt_dir} nanoGPT?")
+    return shlex.join(cmd)
+
+
+def nanogpt_sample(nanogpt_dir: Path, out_dir: Path, new_tokens: int, seed: int = 1337) -> dict:
+    """nanoGPT's sample.py (no KV cache; it starts from its default prompt, "\\n"), timed as whole processes for
+    new_tokens and for 1 token: see tokens_per_s_from_runs."""
+    def timed(n: int) -> tuple[float, list[str]]:
+        cmd = [sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu", "--compile=False",
+               "--num_samples=1", f"--max_new_tokens={n}", f"--seed={seed}"]
+        t0 = time.perf_counter()
+        run_process(cmd, nanogpt_dir, "nanoGPT's sample.py")
+        return time.perf_counter() - t0, cmd
+
+    seconds_one, _ = timed(1)
+    seconds, cmd = timed(new_tokens)
+    return {"new_tokens": new_tokens, "seconds": seconds, "seconds_one_token": seconds_one,
+            "tokens_per_s": tokens_per_s_from_runs(new_tokens, seconds, seconds_one),
+            "command": shlex.join(cmd) + " (and again with --max_new_tokens=1)"}
+
+
+def run_minigpt(args: Sequence[str], what: str) -> dict:
+    """`python -m cli ARGS --json` in a fresh process, like nanoGPT: its one JSON object."""
+    out = run_process([sys.executable, "-m", "cli", *args], REPO_ROOT, what)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def final_val_loss(metrics: Path) -> float | None:
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["val_loss"] for r in records if "val_loss" in r]
+    return losses[-1] if losses else None
+
+
+def _set_args(overrides: Iterable[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _shapes(cfg: train.Config, sampling: str = "") -> str:
+    m = cfg.model
+    model = f"{m.n_layer} layers x {m.n_head} heads x {m.n_embd} wide, block {m.block_size}, bias {m.bias}"
+    if sampling:
+        return f"{model}, {sampling}"
+    return f"{model}, batch {cfg.train.batch_size * cfg.train.grad_accum}, dropout {m.dropout:g}"
+
+
+def compare_quality(nanogpt_dir: Path, config: str, overrides: list[str], cfg: train.Config, tmp: Path,
+                    log: Callable[[str], None]) -> dict:
+    """Both trained for train.max_iters steps at the same shapes and schedule; the val loss each reports at the end
+    (over train.eval_iters batches, for both)."""
+    if not (REPO_ROOT / cfg.data.dir / "meta.json").exists():
+        raise UserError(f"--quality trains on real data, and {cfg.data.dir} has none: run "
+                        "`minigpt prepare shakespeare --tokenizer char` first")
+    steps = cfg.train.max_iters
+    their_cmd = nanogpt_train_command(cfg, [f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+                                            f"--eval_interval={steps}", f"--eval_iters={cfg.train.eval_iters}",
+                                            f"--log_interval={steps}", f"--out_dir={tmp / 'nanogpt-quality'}"])
+    # evaluating only at the end, as nanoGPT does here, saves minutes and changes no step
+    our_args = ["train", config, *_set_args(overrides), "--set", f"train.eval_interval={steps}",
+                "--set", f"run.out_dir={tmp / 'minigpt-quality'}"]
+    log(f"[quality] nanoGPT train.py: {steps} steps")
+    theirs = parse_nanogpt_val_loss(run_process(their_cmd, nanogpt_dir, "nanoGPT's train.py"))
+    if theirs is None:
+        raise UserError("nanoGPT's train.py printed no `step N: train loss A, val loss B` line: is it nanoGPT?")
+    log(f"[quality]   val loss {theirs:.4f}")
+    log(f"[quality] minigpt train: {steps} steps")
+    run_process([sys.executable, "-m", "cli", *our_args], REPO_ROOT, "minigpt train")
+    ours = final_val_loss(tmp / "minigpt-quality" / "metrics.jsonl")
+    if ours is None:
+        raise UserError("minigpt train recorded no val_loss in metrics.jsonl")
+    log(f"[quality]   val loss {ours:.4f}")
+    return {"steps": steps, "minigpt_val_loss": ours, "nanogpt_val_loss": theirs,
+            "commands": {"nanogpt": shlex.join(their_cmd),
+                         "minigpt": shlex.join([sys.executable, "-m", "cli", *our_args])}}
+
+
+def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[str]], train.Config],
+                         cases: Iterable[str] = tuple(CASES), repeats: int = 1, steps: dict[str, int] | None = None,
+                         warmup: int | None = None, new_tokens: int = 500, quality: bool = False,
+                         input_path: Path | None = None, overrides: Sequence[str] = (),
+                         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Speed of minigpt and nanoGPT at the same shapes, each case run `repeats` times per tool, alternately, with
+    medians and the ratio minigpt / nanoGPT. `load_config(path, overrides)` resolves one of our TOML configs.
+    `steps` sets timed steps per training case ({"cpu": 100}); `quality` also trains both for the CPU case's
+    train.max_iters steps and compares the final val loss."""
+    nanogpt_dir = Path(nanogpt_dir).resolve()
+    check_nanogpt_dir(nanogpt_dir)
+    ensure_nanogpt_data(nanogpt_dir, input_path, log)
+    result = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "nanogpt_dir": str(nanogpt_dir),
+              "minigpt_dir": str(REPO_ROOT),
+              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
+              "repeats": repeats, "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="minigpt-vs-nanogpt-") as tmp:
+        tmp = Path(tmp)
+        for name in [n for n in CASES if n in set(cases)]:
+            case = CASES[name]
+            sets = [*case.overrides, *overrides]
+            cfg = load_config(REPO_ROOT / case.config, sets)
+            if not (REPO_ROOT / cfg.data.dir / "meta.json").exists() and not cfg.model.vocab_size:
+                # our bench then trains on random tokens: of nanoGPT's vocabulary, not of GPT-2's 50,304
+                sets.append(f"model.vocab_size={nanogpt_vocab_size(nanogpt_dir)}")
+                cfg = load_config(REPO_ROOT / case.config, sets)
+            check_like_nanogpt(cfg, case.config)
+            commands = {}
+            if name == "sample":
+                log("[sample] nanoGPT train.py: two steps, to save a checkpoint for sample.py")
+                commands["nanogpt_checkpoint"] = nanogpt_checkpoint(nanogpt_dir, cfg, tmp / "sample")
+                our_args = ["bench", "sample", case.config, *_set_args(sets), "--device", "cpu", "--prompt-len", "1",
+                            "--new-tokens", str(new_tokens), "--json"]
+                what, ours_key = f"sample.py, {new_tokens} tokens and 1", "decode_tokens_per_s"
+
+                def theirs_run(r: int) -> dict:
+                    return nanogpt_sample(nanogpt_dir, tmp / "sample", new_tokens)
+            else:
+                n, w = (steps or {}).get(name, case.steps), warmup or case.warmup
+                our_args = ["bench", "train", case.config, *_set_args(sets), "--steps", str(n), "--warmup", str(w),
+                            "--json"]
+                what, ours_key = f"train.py, {w} + {n} steps", "tokens_per_s"
+
+                def theirs_run(r: int) -> dict:
+                    return nanogpt_train(nanogpt_dir, cfg, n, w, tmp / f"{name}-{r}")
+            ours, theirs = [], []
+            for r in range(repeats):
+                tag = f"[{name} {r + 1}/{repeats}]"
+                log(f"{tag} nanoGPT {what}")
+                theirs.append(theirs_run(r))
+                log(f"{tag}   {theirs[-1]['tokens_per_s']:,.1f} tokens/s")
+                log(f"{tag} minigpt {' '.join(our_args[:2])}")
+                ours.append(run_minigpt(our_args, f"minigpt {' '.join(our_args[:2])}"))
+                log(f"{tag}   {ours[-1][ours_key]:,.1f} tokens/s")
+            ours_tps = statistics.median(r[ours_key] for r in ours)
+            theirs_tps = statistics.median(r["tokens_per_s"] for r in theirs)
+            commands["nanogpt"] = theirs[0]["command"]
+            commands["minigpt"] = shlex.join([sys.executable, "-m", "cli", *our_args])
+            result["cases"][name] = {
+                "title": case.title,
+                "shapes": _shapes(cfg, f"batch 1, {new_tokens} tokens after one" if name == "sample" else ""),
+                "target": case.target, "ratio": ours_tps / theirs_tps,
+                "minigpt": {"tokens_per_s": ours_tps, "dtype": ours[0]["dtype"], "runs": ours},
+                "nanogpt": {"tokens_per_s": theirs_tps, "dtype": "float32", "runs": theirs},
+                "commands": commands,
+            }
+            if name == "cpu" and quality:
+                result["quality"] = compare_quality(nanogpt_dir, case.config, sets, cfg, tmp, log)
+    return result
+
+
+_WHO = {"nanogpt": "nanoGPT", "nanogpt_checkpoint": "nanoGPT checkpoint", "minigpt": "minigpt"}
+
+
+def format_comparison(result: dict) -> str:
+    """The table of compare_with_nanogpt: per case minigpt, nanoGPT and the ratio, then shapes, commands and method."""
+    m = result["machine"]
+    rows = [("case (tokens/s)", "minigpt", "nanoGPT", "ratio", "target")]
+    for c in result["cases"].values():
+        met = "met" if c["ratio"] >= c["target"] else "MISSED"
+        rows.append((c["title"], f"{c['minigpt']['tokens_per_s']:,.1f}", f"{c['nanogpt']['tokens_per_s']:,.1f}",
+                     f"{c['ratio']:.2f}x", f">= {c['target']:g}x {met}"))
+    if q := result.get("quality"):
+        rows.append((f"val loss after {q['steps']} steps, CPU shapes", f"{q['minigpt_val_loss']:.4f}",
+                     f"{q['nanogpt_val_loss']:.4f}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [f"minigpt vs nanoGPT, {result['date']}, {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
+             f"median of {result['repeats']} run(s) per tool, alternating", ""]
+    lines += ["  ".join(v.ljust(w) if i in (0, 4) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+              for r in rows]
+    lines += ["", "shapes (the same for both):"]
+    lines += [f"  {name}: {c['shapes']}; minigpt {c['minigpt']['dtype']}, nanoGPT {c['nanogpt']['dtype']}"
+              for name, c in result["cases"].items()]
+    lines += ["", f"commands (minigpt in {result['minigpt_dir']}, nanoGPT in {result['nanogpt_dir']}):"]
+    for name, c in result["cases"].items():
+        lines += [f"  {name} {_WHO[who]}: {cmd}" for who, cmd in c["commands"].items()]
+    if q:
+        lines += [f"  quality {_WHO[who]}: {cmd}" for who, cmd in q["commands"].items()]
+    lines += ["", "how:"]
+    if {"cpu", "baby"} & result["cases"].keys():
+        lines.append("  training: ms/step is the mean over the timed steps after warm-up, for both: nanoGPT's from "
+                     "the per-iteration times it prints, minigpt's from bench train. Each tool's runs are then "
+                     "reduced to their median.")
+    if s := result["cases"].get("sample"):
+        their, our = s["nanogpt"]["runs"][0], s["minigpt"]["runs"][0]
+        n = their["new_tokens"]
+        lines.append(f"  sampling: nanoGPT's sample.py prints no timing, so it is timed as a whole process for {n} "
+                     f"new tokens and for 1, and its tokens/s is ({n} - 1) / (t{n} - t1), which takes out start-up "
+                     f"and loading. minigpt's is decode tokens/s with the KV cache (bench sample, best of 3); without "
+                     f"the cache it decoded {our['decode_tokens_per_s_no_cache']:,.1f} tokens/s.")
+    return "\n".join(lines)

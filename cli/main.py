@@ -238,3 +238,48 @@ def bench_sample(
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model).to(rt.device)
     echo_result(f"bench sample {target}", bench.bench_sample(model, rt, batch, prompt_len, new_tokens), as_json)
+
+
+@bench_app.command("nanogpt")
+@one_line_errors
+def bench_nanogpt(
+    nanogpt_dir: Path = typer.Argument(..., help="a checkout of github.com/karpathy/nanoGPT"),
+    case: List[str] = typer.Option([], "--case", help="cpu | baby | sample (repeatable); all three by default"),
+    repeats: int = typer.Option(1, help="runs per case of each tool, alternating; medians are reported"),
+    steps: int = typer.Option(100, help="timed training steps at nanoGPT's CPU shapes (~40 ms each)"),
+    baby_steps: int = typer.Option(4, help="timed training steps at the baby-GPT shapes (~10 s each)"),
+    warmup: Optional[int] = typer.Option(None, help="untimed steps first, for both tools (by default 10 for cpu, "
+                                         "1 for baby)"),
+    new_tokens: int = typer.Option(500, help="tokens to sample in the sample case"),
+    quality: bool = typer.Option(False, "--quality", help="also train both for 2000 steps at the CPU shapes and "
+                                 "compare their val loss (slow: several minutes each)"),
+    input: Optional[Path] = typer.Option(None, "--input", help="a local tiny-Shakespeare for nanoGPT's prepare.py, "
+                                         "if its data is not prepared yet"),
+    set_: List[str] = typer.Option([], "--set", help="override a key of our configs; nanoGPT gets the same shapes"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Training and sampling speed side by side with nanoGPT, on this machine, in one run."""
+    import json
+
+    from prepare_data import UserError
+
+    import bench
+    import train as trainer
+
+    unknown = [c for c in case if c not in bench.CASES]
+    if unknown:
+        raise UserError(f"--case takes {' | '.join(bench.CASES)}, got {', '.join(unknown)}")
+    cases = case or list(bench.CASES)
+    if min(repeats, steps, baby_steps, 1 if warmup is None else warmup) < 1 or new_tokens < 2:
+        raise UserError("--repeats, --steps, --baby-steps and --warmup must be >= 1, --new-tokens >= 2")
+    if quality and "cpu" not in cases:
+        raise UserError("--quality trains at the CPU shapes: include --case cpu")
+    if input is not None and not input.is_file():
+        raise UserError(f"--input {input} is not a file")
+
+    def load(path: Path, overrides: list[str]) -> trainer.Config:
+        return config_from(path, overrides)[0]
+
+    result = bench.compare_with_nanogpt(nanogpt_dir, load, cases, repeats, {"cpu": steps, "baby": baby_steps}, warmup,
+                                        new_tokens, quality, input, set_, log=lambda s: typer.echo(s, err=True))
+    typer.echo(json.dumps(result) if as_json else bench.format_comparison(result))

@@ -59,3 +59,149 @@ def test_cli_bench_json_and_bad_arguments(char_data):
                  ["bench", "train", "nope.toml"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- minigpt bench nanogpt ---------------------------------------------------------------------------
+# nanoGPT itself is not needed: a fake checkout prints lines in its exact formats, so the parsing, the warm-up
+# skipping and the ratios are checked against numbers we know, while our side really runs.
+
+NANOGPT_LOG = """\
+found vocab_size = 65 (inside data/shakespeare_char/meta.pkl)
+step 0: train loss 4.1676, val loss 4.1649
+iter 0: loss 4.1828, time 7122.05ms, mfu -100.00%
+iter 1: loss 4.1373, time 117.43ms, mfu -100.00%
+iter 5: loss 3.9758, time 169.28ms, mfu 0.01%
+step 2000: train loss 1.7610, val loss 1.8835
+saving checkpoint to out-shakespeare-char
+iter 2000: loss nan, time 1104.73ms, mfu 0.01%
+"""
+
+FAKE_TRAIN = """\
+import os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+assert sys.argv[1] == "config/train_shakespeare_char.py" and args["device"] == "cpu", sys.argv
+if os.environ.get("FAKE_FAIL"):
+    sys.exit("RuntimeError: fake nanoGPT ran out of memory")
+last, every = int(args["max_iters"]), int(args["eval_interval"])
+os.makedirs(args["out_dir"], exist_ok=True)
+for i in range(last + 1):
+    if i % every == 0:
+        print(f"step {i}: train loss 4.1676, val loss {4 - i / 1000:.4f}")
+        if i > 0 and args.get("always_save_checkpoint") == "True":
+            open(os.path.join(args["out_dir"], "ckpt.pt"), "w").write("weights")
+    print(f"iter {i}: loss 4.1828, time {5000 if i == 0 else 20 + i * i:.2f}ms, mfu -100.00%")
+"""
+
+FAKE_SAMPLE = """\
+import os, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+if not os.path.isfile(os.path.join(args["out_dir"], "ckpt.pt")):
+    sys.exit("FileNotFoundError: no ckpt.pt")
+time.sleep(0.02 * int(args["max_new_tokens"]))
+print("x" * int(args["max_new_tokens"]))
+"""
+
+FAKE_PREPARE = """\
+import os, pickle
+here = os.path.dirname(__file__)
+text = open(os.path.join(here, "input.txt")).read()
+for name in ("train.bin", "val.bin"):
+    open(os.path.join(here, name), "wb").write(b"\\0\\0")
+pickle.dump({"vocab_size": len(set(text))}, open(os.path.join(here, "meta.pkl"), "wb"))
+"""
+
+TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set",
+        "model.block_size=16", "--set", "train.batch_size=4"]
+
+
+@pytest.fixture
+def fake_nanogpt(tmp_path):
+    root = tmp_path / "nanoGPT"
+    (root / "config").mkdir(parents=True)
+    (root / "data" / "shakespeare_char").mkdir(parents=True)
+    (root / "train.py").write_text(FAKE_TRAIN)
+    (root / "sample.py").write_text(FAKE_SAMPLE)
+    (root / "configurator.py").write_text("")
+    (root / "config" / "train_shakespeare_char.py").write_text("")
+    (root / "data" / "shakespeare_char" / "prepare.py").write_text(FAKE_PREPARE)
+    return root
+
+
+def test_nanogpt_output_parsers():
+    assert bench.parse_nanogpt_iter_ms(NANOGPT_LOG) == {0: 7122.05, 1: 117.43, 5: 169.28, 2000: 1104.73}
+    assert bench.parse_nanogpt_val_loss(NANOGPT_LOG) == 1.8835
+    assert bench.parse_nanogpt_val_loss("iter 0: loss 4.1828, time 7122.05ms, mfu -100.00%\n") is None
+    assert bench.tokens_per_s_from_runs(500, 12.0, 2.02) == pytest.approx(499 / 9.98)
+    with pytest.raises(bench.UserError, match="too busy"):
+        bench.tokens_per_s_from_runs(500, 2.0, 2.1)
+
+
+def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path):
+    r = CliRunner().invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "sample", "--case", "cpu",
+                                 "--quality", "--input", str(corpus_path), "--steps", "3", "--warmup", "2",
+                                 "--new-tokens", "20", "--set", f"data.dir={char_data}", *TINY,
+                                 "--set", "train.max_iters=4", "--set", "train.eval_iters=2", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    data = fake_nanogpt / "data" / "shakespeare_char"
+    assert (data / "input.txt").read_text() == corpus_path.read_text()  # --input went to nanoGPT's prepare.py
+    assert list(result["cases"]) == ["cpu", "sample"]  # always in this order
+    cpu = result["cases"]["cpu"]
+    # warm-up iterations 0 and 1 (5000 ms, 21 ms) are left out: 24, 29, 36 ms, mean 29.67; 4 x 16 tokens per step
+    theirs = cpu["nanogpt"]["runs"][0]
+    assert theirs["ms_per_step"] == pytest.approx(89 / 3) and theirs["ms_per_step_median"] == 29
+    assert cpu["nanogpt"]["tokens_per_s"] == pytest.approx(64 / 0.089 * 3)
+    assert cpu["minigpt"]["runs"][0]["steps"] == 3 and cpu["minigpt"]["runs"][0]["tokens_per_step"] == 64
+    assert cpu["ratio"] == pytest.approx(cpu["minigpt"]["runs"][0]["tokens_per_s"] / (64 / 0.089 * 3))
+    for flag in ("--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.0",
+                 "--max_iters=4"):
+        assert flag in cpu["commands"]["nanogpt"].split()  # nanoGPT got our shapes; 2 + 3 iterations, 0 to 4
+    sample = result["cases"]["sample"]
+    theirs = sample["nanogpt"]["runs"][0]
+    assert theirs["seconds"] - theirs["seconds_one_token"] > 0.02 * 19  # the fake sleeps 20 ms a token
+    assert sample["nanogpt"]["tokens_per_s"] == pytest.approx(19 / (theirs["seconds"] - theirs["seconds_one_token"]))
+    assert "--dropout=0.2" in sample["commands"]["nanogpt_checkpoint"].split()  # the baby config's dropout
+    ours = sample["minigpt"]["runs"][0]
+    assert (ours["prompt_len"], ours["new_tokens"]) == (1, 20)
+    assert sample["ratio"] == pytest.approx(ours["decode_tokens_per_s"] / sample["nanogpt"]["tokens_per_s"])
+    quality = result["quality"]
+    assert quality["steps"] == 4 and quality["nanogpt_val_loss"] == 3.996  # the fake's last `val loss` line
+    assert 0 < quality["minigpt_val_loss"] < 6
+    assert "[cpu 1/1] nanoGPT" in r.stderr and "[sample 1/1] minigpt" in r.stderr  # progress
+
+
+def test_format_comparison_table():
+    result = {"date": "2026-11-23T06:00:00+00:00", "machine": {"cpus": 2, "torch": "2.13.0", "python": "3.11.7"},
+              "repeats": 1, "minigpt_dir": "/m", "nanogpt_dir": "/n", "cases": {
+                  "cpu": {"title": "train, nanoGPT's CPU shapes", "shapes": "4 layers", "target": 1.5, "ratio": 1.25,
+                          "minigpt": {"tokens_per_s": 2500.0, "dtype": "float32", "runs": []},
+                          "nanogpt": {"tokens_per_s": 2000.0, "dtype": "float32", "runs": []},
+                          "commands": {"nanogpt": "python train.py", "minigpt": "python -m cli bench train"}}}}
+    table = bench.format_comparison(result).splitlines()
+    assert table[2].split() == ["case", "(tokens/s)", "minigpt", "nanoGPT", "ratio", "target"]
+    assert table[3].split()[-6:] == ["2,500.0", "2,000.0", "1.25x", ">=", "1.5x", "MISSED"]
+    assert "  cpu nanoGPT: python train.py" in table
+
+
+def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
+    runner = CliRunner()
+    (fake_nanogpt / "sample.py").unlink()
+    cases = [
+        ([str(tmp_path / "missing")], "is not a folder"),
+        ([str(fake_nanogpt)], "has no sample.py"),
+        ([str(tmp_path), "--case", "gpu"], "--case takes cpu | baby | sample, got gpu"),
+        ([str(tmp_path), "--case", "baby", "--quality"], "--quality trains at the CPU shapes"),
+        ([str(tmp_path), "--warmup", "0"], "--warmup must be >= 1"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, ["bench", "nanogpt", *args])
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert message in r.stderr
+    (fake_nanogpt / "sample.py").write_text(FAKE_SAMPLE)
+    for f in ("train.bin", "val.bin", "meta.pkl"):
+        (fake_nanogpt / "data" / "shakespeare_char" / f).write_bytes(b"")
+    monkeypatch.setenv("FAKE_FAIL", "1")  # a failing nanoGPT: its last stderr line, in the one error line
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu"])
+    progress, error = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and progress.startswith("[cpu 1/1] nanoGPT")
+    assert error.startswith("error: nanoGPT's train.py failed with exit code 1: RuntimeError: fake nanoGPT ran out")
