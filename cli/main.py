@@ -214,8 +214,6 @@ def bench_sample(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Prefill ms and decode tokens/s, with and without the KV cache."""
-    from dataclasses import replace
-
     import torch
 
     from prepare_data import UserError
@@ -234,9 +232,9 @@ def bench_sample(
         cfg, _ = config_from(target, set_)
         cfg, _ = trainer.with_vocab(cfg)
         trainer.resolve_device(device)  # a bad --device is a one-line error
-        rt = trainer.setup_runtime(replace(cfg.run, device=device))
         torch.manual_seed(cfg.run.seed)
-        model = GPT(cfg.model).to(rt.device)
+        model = GPT(cfg.model)
+        rt = sampler.inference_runtime(model, device)
     echo_result(f"bench sample {target}", bench.bench_sample(model, rt, batch, prompt_len, new_tokens), as_json)
 
 

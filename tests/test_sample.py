@@ -124,3 +124,30 @@ def test_load_bad_runs(trained_run, tmp_path):
     run = sample.load_for_inference(trained_run)
     with pytest.raises(UserError, match="'€'"):
         sample.encode_prompt(run.tokenizer, "a€b")
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope", "alibi"])
+def test_inference_runtime_casts_big_models_to_bf16_on_a_bf16_cpu(monkeypatch, pos_encoding):
+    """Decoding is memory-bound once the weights outgrow the caches: those models get bfloat16 weights on a CPU
+    with native bf16, small ones stay float32; the bf16 logits stay within bf16 rounding of float32's, and the
+    decode loop runs on them (positions, masks and cache in the same dtype)."""
+    monkeypatch.setattr(sample, "cpu_has_bf16", lambda: True)
+    torch.manual_seed(0)
+    big = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=512, pos_encoding=pos_encoding))
+    assert big.num_params() >= sample.CPU_BF16_MIN_PARAMS
+    idx = torch.randint(0, 65, (1, 20))
+    with torch.no_grad():
+        ref = big.eval()(idx)[0]
+    rt = sample.inference_runtime(big, "cpu")
+    assert rt.dtype == torch.bfloat16 and {p.dtype for p in big.parameters()} == {torch.bfloat16}
+    with torch.no_grad(), rt.autocast():
+        out = big(idx)[0].float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    tokens = [t for t, _ in sample.decode_steps(big, idx, 20, 65, temperature=1.0, top_k=5, rt=rt)]
+    assert len(tokens) == 20 and all(0 <= t.item() < 65 for t in tokens)
+
+    small = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    assert sample.inference_runtime(small, "cpu").dtype == torch.float32
+    monkeypatch.setattr(sample, "cpu_has_bf16", lambda: False)
+    assert sample.inference_runtime(big, "cpu").dtype == torch.float32
+    assert {p.dtype for p in big.parameters()} == {torch.float32}
