@@ -288,7 +288,28 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
 
 
-class Batches:
+class BatchSource:
+    """Micro-batches as a pure function of (step, micro-step), one of them built ahead of time."""
+
+    ready: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def prefetch(self, step: int, micro: int = 0) -> None:
+        """Build that batch now and start its copy to the device, for the `get` that asks for it next: called
+        while the GPU still computes the current step, so the host's work and the copy overlap with it."""
+        self.ready = ((step, micro), self.make(step, micro))
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (B, T) int64 for micro-batch `micro` of step `step`, y shifted by one; on the device."""
+        ready, self.ready = self.ready, None
+        if ready is not None and ready[0] == (step, micro):
+            return ready[1]
+        return self.make(step, micro)
+
+
+class Batches(BatchSource):
     def __init__(self, data_dir: str | Path, meta: dict, split: str, batch_size: int, model: GPTConfig,
                  device: torch.device, seed: int):
         self.data_dir, self.meta, self.split = Path(data_dir), meta, split
@@ -301,8 +322,7 @@ class Batches:
                 f"({block_size + 1}); use a smaller model.block_size or more data"
             )
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y (B, T) int64 for micro-batch `micro` of step `step`, y shifted by one; on the device."""
+    def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         seed = np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(seed))
         data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
@@ -597,6 +617,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
             _, loss = model(x, y)
             scaler.scale(loss / micro_steps).backward()  # the mean over micro-batches, not the sum
         total += loss.detach()
+        # the next micro-batch (or the next step's first), built while the device computes this one
+        batches.prefetch(*((step, first + i + 1) if i + 1 < micro_steps else (step + 1, first)))
     loss = rt.sum(total) / (micro_steps * rt.world_size)
     scaler.unscale_(optimizer)  # check and clip the true gradients, not the float16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -701,7 +723,10 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
     """
     rt = setup_runtime(cfg.run, cfg.model)
     try:
-        return _train(cfg, rt, checkpoint, config_text)
+        result = _train(cfg, rt, checkpoint, config_text)
+        if rt.world_size > 1:  # rank 0 writes the last checkpoint alone: a peer tearing the group down meanwhile
+            dist.barrier()  # made gloo abort the process now and then
+        return result
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
