@@ -33,13 +33,13 @@ from prepare_data import UserError, read_meta
 from sample import decode_steps
 
 
-class RandomBatches:
+class RandomBatches(train.BatchSource):
     """Uniformly random tokens in place of a dataset, with the interface of train.Batches."""
 
     def __init__(self, batch_size: int, block_size: int, vocab_size: int, device: torch.device):
         self.batch_size, self.block_size, self.vocab_size, self.device = batch_size, block_size, vocab_size, device
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(step * 1000 + micro)
         xy = torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=g)
         return xy[:, :-1].to(self.device), xy[:, 1:].to(self.device)
@@ -250,8 +250,13 @@ def ensure_nanogpt_data(nanogpt_dir: Path, input_path: Path | None, log: Callabl
 
 
 def nanogpt_vocab_size(nanogpt_dir: Path) -> int:
-    with open(nanogpt_dir / NANOGPT_DATA / "meta.pkl", "rb") as f:
-        return int(pickle.load(f)["vocab_size"])
+    path = nanogpt_dir / NANOGPT_DATA / "meta.pkl"
+    try:
+        with open(path, "rb") as f:
+            return int(pickle.load(f)["vocab_size"])
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read nanoGPT's vocabulary from {path} ({type(e).__name__}): delete its "
+                        "data/shakespeare_char/*.bin and meta.pkl so that its prepare.py runs again") from None
 
 
 def check_like_nanogpt(cfg: train.Config, name: str) -> None:

@@ -308,7 +308,8 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if reference or sdpa_is_slow(q, dropout_p):
-            k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
+            if kvh != nh:  # each kv head serves nh / kvh query heads
+                k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
             y, weights = reference_attention(q, k, v, inputs, dropout_p, self.training)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout_p,

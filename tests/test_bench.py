@@ -1,6 +1,7 @@
 """bench.py and `minigpt bench`: the figures exist, are consistent with each other, and come out as JSON."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -158,7 +159,6 @@ def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path):
         assert flag in cpu["commands"]["nanogpt"].split()  # nanoGPT got our shapes; 2 + 3 iterations, 0 to 4
     sample = result["cases"]["sample"]
     theirs = sample["nanogpt"]["runs"][0]
-    assert theirs["seconds"] - theirs["seconds_one_token"] > 0.02 * 19  # the fake sleeps 20 ms a token
     assert sample["nanogpt"]["tokens_per_s"] == pytest.approx(19 / (theirs["seconds"] - theirs["seconds_one_token"]))
     assert "--dropout=0.2" in sample["commands"]["nanogpt_checkpoint"].split()  # the baby config's dropout
     ours = sample["minigpt"]["runs"][0]
@@ -198,8 +198,10 @@ def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert message in r.stderr
     (fake_nanogpt / "sample.py").write_text(FAKE_SAMPLE)
-    for f in ("train.bin", "val.bin", "meta.pkl"):
+    for f in ("train.bin", "val.bin"):
         (fake_nanogpt / "data" / "shakespeare_char" / f).write_bytes(b"")
+    # read when our own data is missing (a clean clone): our random tokens then take nanoGPT's vocabulary
+    (fake_nanogpt / "data" / "shakespeare_char" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
     monkeypatch.setenv("FAKE_FAIL", "1")  # a failing nanoGPT: its last stderr line, in the one error line
     r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu"])
     progress, error = r.stderr.strip().splitlines()

@@ -245,5 +245,35 @@ def test_cpu_runtime_keeps_freed_memory_on_glibc():
     glibc = platform.libc_ver()[0] == "glibc"
     assert train.keep_freed_memory() is glibc
     if glibc:
-        faults_touching_a_fresh_block()  # the first touch faults the pages in once
+        for _ in range(3):  # the first touches fault pages in (an aligned request may not fit the block just freed)
+            faults_touching_a_fresh_block()
         assert faults_touching_a_fresh_block() < 1000  # unmapped each time, it would be 16,384 (64 MB / 4 KB)
+
+
+def test_prefetched_batch_is_the_one_get_would_make_and_train_step_prefetches_the_next(char_data, tmp_path):
+    from prepare_data import read_meta
+
+    cfg, _ = train.with_vocab(tiny_config(char_data, tmp_path / "run", train={"grad_accum": 2}))
+    meta = read_meta(char_data)
+
+    def batches():
+        return train.Batches(char_data, meta, "train", 4, cfg.model, torch.device("cpu"), seed=3)
+
+    b = batches()
+    b.prefetch(5, 1)
+    x, y = b.get(5, 1)
+    fresh = batches().get(5, 1)
+    assert torch.equal(x, fresh[0]) and torch.equal(y, fresh[1]) and b.ready is None
+    b.prefetch(6, 0)
+    other = b.get(7, 0)  # not the prefetched one: made afresh, and the stale one dropped
+    assert torch.equal(other[0], batches().get(7, 0)[0]) and b.ready is None
+
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    optimizer = train.configure_optimizer(model, cfg.optim, torch.device("cpu"))
+    rt = train.Runtime(torch.device("cpu"), torch.float32)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    b = batches()
+    train.train_step(model, optimizer, scaler, b, 4, rt, 1e-3, 2, 1.0)
+    assert b.ready[0] == (5, 0)  # built during step 4, for step 5's first micro-batch
+    assert torch.equal(b.ready[1][0], batches().get(5, 0)[0])
