@@ -91,7 +91,7 @@ def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
         torch.cuda.reset_peak_memory_stats(rt.device)
     seconds = run(warmup, steps)
     step_s = seconds / steps
-    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    tokens = cfg.tokens_per_step
     flops = model.flops_per_token(cfg.model.block_size) * tokens / step_s
     return {
         "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.run.compile,
@@ -292,7 +292,7 @@ def nanogpt_train(nanogpt_dir: Path, cfg: train.Config, steps: int, warmup: int,
         raise UserError(f"nanoGPT's train.py printed {len(timed)} of the {steps} `iter N: loss L, time T ms` lines "
                         f"expected after warm-up: is {nanogpt_dir} nanoGPT?")
     step_ms = statistics.fmean(timed)
-    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    tokens = cfg.tokens_per_step
     return {"steps": steps, "warmup": warmup, "tokens_per_step": tokens, "ms_per_step": step_ms,
             "tokens_per_s": tokens / step_ms * 1000, "ms_per_step_median": statistics.median(timed),
             "command": shlex.join(cmd)}

@@ -132,6 +132,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step, over all micro-steps and processes."""
+        return self.train.batch_size * self.train.grad_accum * self.model.block_size
+
 
 # ----------------------------------------------------------------------------------------------------
 # Runtime: device, autocast dtype, and the process group when torchrun started several processes.
@@ -773,7 +778,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             set_rng_state(checkpoint["rng"], rt.device)
     step_model = wrap_for_training(model, cfg, rt)
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    tokens_per_step = cfg.tokens_per_step
     flops_per_step = model.flops_per_token(cfg.model.block_size) * tokens_per_step
     peak = device_peak_flops(rt)
     peak = peak * rt.world_size if peak else None
