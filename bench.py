@@ -411,7 +411,7 @@ def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[st
             if name == "sample":
                 log("[sample] nanoGPT train.py: two steps, to save a checkpoint for sample.py")
                 commands["nanogpt_checkpoint"] = nanogpt_checkpoint(nanogpt_dir, cfg, tmp / "sample")
-                our_args = ["bench", "sample", case.config, *_set_args(sets), "--device", "cpu", "--prompt-len", "1",
+                our_args = ["bench", "sample", case.config, *_set_args(sets), "--prompt-len", "1",
                             "--new-tokens", str(new_tokens), "--json"]
                 what, ours_key = f"sample.py, {new_tokens} tokens and 1", "decode_tokens_per_s"
 

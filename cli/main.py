@@ -210,7 +210,8 @@ def bench_sample(
     batch: int = typer.Option(1, help="sequences decoded together"),
     prompt_len: int = typer.Option(64, help="prompt tokens to prefill"),
     new_tokens: int = typer.Option(200, help="tokens to decode"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: a config's "
+                                         "run.device, auto for a run)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Prefill ms and decode tokens/s, with and without the KV cache."""
@@ -226,12 +227,15 @@ def bench_sample(
     if batch < 1 or prompt_len < 1 or new_tokens < 2:
         raise UserError("--batch and --prompt-len must be >= 1, --new-tokens >= 2")
     if target.is_dir() or target.suffix == ".pt":
-        run = sampler.load_for_inference(target if target.is_dir() else target.parent, device=device)
+        if set_:
+            raise UserError("--set changes a config; a run's model is what it was trained as (pass a TOML config)")
+        run = sampler.load_for_inference(target if target.is_dir() else target.parent, device=device or "auto")
         model, rt = run.model, run.rt
     else:
         cfg, _ = config_from(target, set_)
         cfg, _ = trainer.with_vocab(cfg)
-        trainer.resolve_device(device)  # a bad --device is a one-line error
+        device = device or cfg.run.device
+        trainer.resolve_device(device)  # a bad --device is a one-line error before the model is built
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         rt = sampler.inference_runtime(model, device)

@@ -62,6 +62,16 @@ def test_cli_bench_json_and_bad_arguments(char_data):
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_bench_sample_runs_on_the_configs_device():
+    """Without --device, a config's run.device decides: here cuda, which this machine lacks."""
+    r = CliRunner().invoke(app, ["bench", "sample", DEBUG, "--set", "run.device=cuda", "--new-tokens", "3"])
+    assert r.exit_code == 2 and "sees no CUDA GPU" in r.stderr
+    r = CliRunner().invoke(app, ["bench", "sample", DEBUG, "--set", "run.device=cuda", "--device", "cpu",
+                                 "--new-tokens", "3", "--prompt-len", "2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["device"] == "cpu"  # --device wins
+
+
 # --- minigpt bench nanogpt ---------------------------------------------------------------------------
 # nanoGPT itself is not needed: a fake checkout prints lines in its exact formats, so the parsing, the warm-up
 # skipping and the ratios are checked against numbers we know, while our side really runs.

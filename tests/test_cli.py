@@ -146,6 +146,7 @@ BAD = {
     "max_new_tokens 0": (["sample", "{root}/run", "--max-new-tokens", "0"], "max-new-tokens"),
     "sample bad device": (["sample", "{root}/run", "--device", "tpu"], "device must be auto, cpu"),
     "bench sample bad device": (["bench", "sample", "{debug}", "--device", "cuda:x"], "device must be auto, cpu"),
+    "bench sample --set on a run": (["bench", "sample", "{root}/run", "--set", "model.n_layer=2"], "--set changes"),
     "missing prompt file": (["sample", "{root}/run", "--prompt-file", "{root}/none.txt"], "prompt-file"),
     "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
     "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
