@@ -264,8 +264,11 @@ def check_like_nanogpt(cfg: train.Config, name: str) -> None:
     differs = [f"model.{f} = {getattr(cfg.model, f)!r}" for f in NANOGPT_FIXED
                if getattr(cfg.model, f) != getattr(default, f)]
     if differs:
-        raise UserError(f"{name} sets {', '.join(differs)}, which nanoGPT's model does not have: compare a GPT-2 "
-                        "block (leave these at their defaults)")
+        raise UserError(f"{name} with --set gives {', '.join(differs)}, which nanoGPT's model does not have: compare "
+                        "a GPT-2 block (leave these at their defaults)")
+    if cfg.run.device != "cpu":  # nanoGPT runs with --device=cpu: both must
+        raise UserError(f"the comparison runs on the CPU, as nanoGPT is run there; drop --set run.device="
+                        f"{cfg.run.device}")
 
 
 def nanogpt_train_command(cfg: train.Config, extra: Iterable[str]) -> list[str]:

@@ -272,8 +272,12 @@ def bench_nanogpt(
     if unknown:
         raise UserError(f"--case takes {' | '.join(bench.CASES)}, got {', '.join(unknown)}")
     cases = case or list(bench.CASES)
-    if min(repeats, steps, baby_steps, 1 if warmup is None else warmup) < 1 or new_tokens < 2:
-        raise UserError("--repeats, --steps, --baby-steps and --warmup must be >= 1, --new-tokens >= 2")
+    # sampling is timed as N tokens against 1, so N >= 2
+    limits = {"--repeats": (repeats, 1), "--steps": (steps, 1), "--baby-steps": (baby_steps, 1),
+              "--warmup": (warmup, 1), "--new-tokens": (new_tokens, 2)}
+    for option, (value, least) in limits.items():
+        if value is not None and value < least:
+            raise UserError(f"{option} must be >= {least}, got {value}")
     if quality and "cpu" not in cases:
         raise UserError("--quality trains at the CPU shapes: include --case cpu")
     if input is not None and not input.is_file():

@@ -202,6 +202,7 @@ def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
         ([str(tmp_path), "--case", "gpu"], "--case takes cpu | baby | sample, got gpu"),
         ([str(tmp_path), "--case", "baby", "--quality"], "--quality trains at the CPU shapes"),
         ([str(tmp_path), "--warmup", "0"], "--warmup must be >= 1"),
+        ([str(tmp_path), "--new-tokens", "1"], "--new-tokens must be >= 2, got 1"),
     ]
     for args, message in cases:
         r = runner.invoke(app, ["bench", "nanogpt", *args])
@@ -212,6 +213,10 @@ def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
         (fake_nanogpt / "data" / "shakespeare_char" / f).write_bytes(b"")
     # read when our own data is missing (a clean clone): our random tokens then take nanoGPT's vocabulary
     (fake_nanogpt / "data" / "shakespeare_char" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
+    for args, message in [(["--set", "run.device=cuda"], "drop --set run.device=cuda"),  # nanoGPT runs on the CPU
+                          (["--set", "model.norm=rmsnorm"], "model.norm = 'rmsnorm', which nanoGPT's model does not")]:
+        r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu", *args])
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     monkeypatch.setenv("FAKE_FAIL", "1")  # a failing nanoGPT: its last stderr line, in the one error line
     r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu"])
     progress, error = r.stderr.strip().splitlines()
