@@ -104,9 +104,10 @@ def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
 
 @torch.no_grad()
 def bench_sample(model: GPT, rt: train.Runtime, batch: int = 1, prompt_len: int = 64, new_tokens: int = 200,
-                 repeats: int = 3) -> dict:
+                 repeats: int = 3, compile: bool = False) -> dict:
     """Prefill time for a random prompt, then decode throughput with and without the KV cache, through the
-    same decode loop `minigpt sample` uses (top-k 200 sampling at temperature 1)."""
+    same decode loop `minigpt sample` uses (top-k 200 sampling at temperature 1). `compile` compiles the cached
+    decode step; the warm-up decode pays for the compilation and is not timed."""
     cfg = model.config
     model.eval()
     prompt = torch.randint(cfg.vocab_size, (batch, prompt_len), device=rt.device)
@@ -122,7 +123,8 @@ def bench_sample(model: GPT, rt: train.Runtime, batch: int = 1, prompt_len: int 
 
     def decode(kv_cache: bool) -> float:
         steps = decode_steps(model, prompt, new_tokens, cfg.vocab_size, temperature=1.0, top_k=200,
-                             generator=torch.Generator(device=rt.device).manual_seed(0), kv_cache=kv_cache, rt=rt)
+                             generator=torch.Generator(device=rt.device).manual_seed(0), kv_cache=kv_cache, rt=rt,
+                             compile=compile and kv_cache)
         next(steps)  # the first token comes from the prefill
         sync(rt.device)
         t0 = time.perf_counter()
@@ -138,7 +140,8 @@ def bench_sample(model: GPT, rt: train.Runtime, batch: int = 1, prompt_len: int 
     uncached = decode(False)
     return {
         "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "params": model.num_params(),
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "context_end": prompt_len + new_tokens,
+        "compile": compile, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "context_end": prompt_len + new_tokens,
         "prefill_ms": 1000 * prefill_s, "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_tokens_per_s": cached, "decode_tokens_per_s_no_cache": uncached, "kv_cache_speedup": cached / uncached,
     }
@@ -445,7 +448,8 @@ def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[st
                 "title": case.title,
                 "shapes": _shapes(cfg, f"batch 1, {new_tokens} tokens after one" if name == "sample" else ""),
                 "target": case.target, "ratio": ours_tps / theirs_tps,
-                "minigpt": {"tokens_per_s": ours_tps, "dtype": ours[0]["dtype"], "runs": ours},
+                "minigpt": {"tokens_per_s": ours_tps, "dtype": ours[0]["dtype"], "compile": ours[0].get("compile", False),
+                            "runs": ours},
                 "nanogpt": {"tokens_per_s": theirs_tps, "dtype": "float32", "runs": theirs},
                 "commands": commands,
             }
@@ -474,7 +478,8 @@ def format_comparison(result: dict) -> str:
     lines += ["  ".join(v.ljust(w) if i in (0, 4) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
               for r in rows]
     lines += ["", "shapes (the same for both):"]
-    lines += [f"  {name}: {c['shapes']}; minigpt {c['minigpt']['dtype']}, nanoGPT {c['nanogpt']['dtype']}"
+    lines += [f"  {name}: {c['shapes']}; minigpt {c['minigpt']['dtype']}"
+              f"{' (compiled)' if c['minigpt'].get('compile') else ''}, nanoGPT {c['nanogpt']['dtype']}"
               for name, c in result["cases"].items()]
     lines += ["", f"commands (minigpt in {result['minigpt_dir']}, nanoGPT in {result['nanogpt_dir']}):"]
     for name, c in result["cases"].items():

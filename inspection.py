@@ -117,7 +117,7 @@ def format_ratio(r: float) -> str:
 def kv_cache_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
     """Bytes of keys and values that sampling keeps, per token and for a full context, beside plain
     multi-head attention (kv heads = heads, no window). A full context is the tokens a query can see,
-    min(block_size, window): no query needs older keys (model.KVCache.make_room drops them; sample.py
+    min(block_size, window): no query needs older keys (model.KVCache's ring overwrites them; sample.py
     allocates min(block_size, 2 x window) slots so that a prompt can be prefilled a window at a time)."""
     elem = DTYPE_BYTES[dtype]
     per_token = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * elem

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -156,51 +157,53 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer, in a preallocated ring of `max_len` slots that never changes shape.
 
-    A forward call first makes room for its T new positions (`make_room`: past the attention window the
-    oldest keys, which no new query can see, are dropped), then every layer appends its keys (`append`),
-    then the model moves on (`advance`). `start` is the absolute position of the first cached key.
+    Position p is stored in slot p % max_len, over the oldest key, so nothing is ever moved or reallocated: the
+    one-token decode step sees the same shapes every time, which is what lets it be compiled (and replayed as a
+    CUDA graph). `slot_pos` holds the absolute position in each slot (-1: empty); attention reads every slot
+    through a mask built from it. A forward call first claims positions for its T new tokens (`claim`), records
+    them in their slots (`record`), then every layer stores its keys (`write`).
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.block_size
+        self.window = cfg.window
+        self.last_pos = cfg.block_size - 1 if cfg.pos_encoding == "learned" else None  # learned positions end there
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.start = 0  # absolute position of slot 0
-        self.length = 0  # slots filled
+        self.slot_pos = torch.full((self.max_len,), -1, dtype=torch.long, device=device)
+        self.next_pos = 0  # positions claimed so far, counted on the host: no device sync to read it
 
-    @property
-    def next_pos(self) -> int:
-        return self.start + self.length
+    def claim(self, n: int) -> torch.Tensor:
+        """The positions (n,) of the next n tokens, after checking that they fit."""
+        start, end = self.next_pos, self.next_pos + n
+        if self.last_pos is not None and end - 1 > self.last_pos:
+            raise ValueError(f"{end} positions exceed block_size {self.last_pos + 1} (learned positions end there)")
+        # the first new query still needs the window - 1 keys before it: its n - 1 successors must not overwrite them
+        if end > self.max_len and n + self.window - 1 > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {n + self.window - 1} needed")
+        self.next_pos = end
+        return torch.arange(start, end, device=self.k.device)
 
-    def make_room(self, n: int, keep: int) -> None:
-        """Ensure n more positions fit, dropping the oldest keys but the last `keep` if they do not."""
-        if self.length + n <= self.max_len:
-            return
-        keep = min(keep, self.length)
-        if keep + n > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {keep + n} needed")
-        drop = self.length - keep
-        self.k[:, :, :, :keep] = self.k[:, :, :, drop:self.length].clone()
-        self.v[:, :, :, :keep] = self.v[:, :, :, drop:self.length].clone()
-        self.start += drop
-        self.length = keep
+    def record(self, positions: torch.Tensor) -> torch.Tensor:
+        """Mark the slots of these positions (T,) as holding them; return the slots (T,)."""
+        slots = positions % self.max_len
+        self.slot_pos.index_copy_(0, slots, positions)
+        return slots
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, kvh, T, hs) after what is cached; return all kept keys and values (B, kvh, S, hs)."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kvh, T, hs) in their slots; return every slot's keys and values (B, kvh, max_len, hs)."""
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
     def reset(self) -> None:
-        self.start = self.length = 0
+        self.slot_pos.fill_(-1)
+        self.next_pos = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,6 +247,8 @@ class AttentionInputs:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, hs/2) for the new positions
     mask: torch.Tensor | None  # (T, S) bool, True = may attend; or (nh, T, S) float bias (ALiBi); None: see is_causal
     is_causal: bool  # the plain lower triangle with T == S, which flash kernels handle without a mask
+    slots: torch.Tensor | None = None  # (T,) the KV cache slots the new keys go to; the keys are then every slot
+    block_mask: BlockMask | None = None  # the same sliding window as `mask`, as FlexAttention's blocks
 
 
 def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
@@ -259,17 +264,37 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
     q (B, nh, T, hs), k and v (B, nh, S, hs). Returns the output (B, nh, T, hs) and the attention weights
     (B, nh, T, S) before dropout.
     """
-    T, S = q.size(-2), k.size(-2)
-    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, S); q is T/hs times smaller to scale
+    B, nh, T, hs = q.shape
+    S = k.size(-2)
     mask = causal_mask(T, S, q.device) if inputs.is_causal else inputs.mask
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask
+    if mask is None:
+        bias, beta = torch.zeros((), dtype=q.dtype, device=q.device), 0.0  # beta=0: the bias is not read
+    elif mask.dtype == torch.bool:
+        bias, beta = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), 1.0
+    else:  # ALiBi's (nh, T, S) bias, once per batch element
+        bias, beta = mask.to(q.dtype).expand(B, nh, T, S).reshape(B * nh, T, S), 1.0
+    # bias + q kᵀ / √hs in one batched matmul: the GEMM adds the mask and applies the scale as it writes the
+    # scores, so neither costs a pass over the T x T scores (forward or backward)
+    scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                           beta=beta, alpha=1 / math.sqrt(hs)).view(B, nh, T, S)  # heads folded into the batch
     # no upcast: torch's softmax kernels accumulate in float32 for 16-bit inputs anyway, and a float32 copy of the
     # T x T scores (then cast back) cost half the attention's time in bfloat16 training on the CPU
     weights = F.softmax(scores, dim=-1).to(q.dtype)
     return dropout(weights, dropout_p, training) @ v, weights
+
+
+def sliding_window_blocks(T: int, window: int, device: torch.device) -> BlockMask:
+    """The causal sliding window for FlexAttention: its kernel skips the (128 x 128) blocks that lie wholly
+    outside the window instead of masking them, so attention costs O(T x window), not O(T²)."""
+    def in_window(b, h, q, kv):
+        return (q >= kv) & (q - kv < window)
+    return create_block_mask(in_window, None, None, T, T, device=device)
+
+
+def flex_attention_applies(device: torch.device) -> bool:
+    """Whether sliding windows go through FlexAttention: on a GPU, inside torch.compile. Uncompiled, flex_attention
+    materialises the T x T scores like a dense mask; on a CPU it has no backward pass (torch 2.13)."""
+    return device.type == "cuda" and torch.compiler.is_compiling()
 
 
 def sdpa_is_slow(q: torch.Tensor, dropout_p: float) -> bool:
@@ -304,13 +329,15 @@ class Attention(nn.Module):
         if inputs.rope is not None:  # keys are cached rotated, at their own positions
             q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if kv_cache is not None:
-            k, v = kv_cache.append(layer, k, v)  # (B, kvh, S, hs)
+            k, v = kv_cache.write(layer, k, v, inputs.slots)  # (B, kvh, S, hs): S = every cache slot
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if reference or sdpa_is_slow(q, dropout_p):
             if kvh != nh:  # each kv head serves nh / kvh query heads
                 k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
             y, weights = reference_attention(q, k, v, inputs, dropout_p, self.training)
+        elif inputs.block_mask is not None and dropout_p == 0.0:  # flex_attention has no dropout
+            y = flex_attention(q, k, v, block_mask=inputs.block_mask, enable_gqa=kvh != nh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout_p,
                                                is_causal=inputs.is_causal, enable_gqa=kvh != nh)
@@ -448,52 +475,66 @@ class GPT(nn.Module):
         keys = min(seq_len or cfg.block_size, cfg.window)
         return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
 
-    def attention_inputs(self, start: int, key_start: int, T: int, prefix_len: int,
-                         device: torch.device | None = None) -> AttentionInputs:
-        """The rotary angles and the mask for T queries at positions start.. over the keys at key_start..
-        Decided from the integers where possible, so the common cases need no mask and no device sync."""
+    def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor | None, prefix_len: int) -> AttentionInputs:
+        """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,): a KV cache's
+        slot positions (-1 for an empty slot), or None for the queries themselves (no cache; qpos = 0..T-1).
+        Without a cache the common cases are decided from the shapes alone and need no mask; with one the mask
+        is always built, from tensors only, so a decode step has the same graph at every position. A causal
+        sliding window on a GPU under torch.compile also comes as FlexAttention blocks (Attention picks)."""
         cfg = self.config
-        qpos = torch.arange(start, start + T, device=device)
-        kpos = torch.arange(key_start, start + T, device=device)
         rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
-        S = len(kpos)
-        # a prefix only adds keys for queries before its last token, which must have a later key to see
-        causal_like = cfg.attn_mask == "causal" or (cfg.attn_mask == "prefix" and (T == 1 or start + 1 >= prefix_len))
-        if cfg.pos_encoding != "alibi" and S <= cfg.window:  # the window cuts nothing off
-            if cfg.attn_mask == "bidirectional" or (causal_like and T == 1):
-                return AttentionInputs(rope, None, False)  # every query sees every key
-            if causal_like and T == S:
-                return AttentionInputs(rope, None, True)  # the plain triangle: flash kernels, no mask
+        cached = kpos is not None
+        if not cached:
+            T = len(qpos)
+            # a prefix only adds keys for queries before its last token, which must have a later key to see
+            causal_like = cfg.attn_mask == "causal" or (cfg.attn_mask == "prefix" and (T == 1 or prefix_len <= 1))
+            if cfg.pos_encoding != "alibi" and T <= cfg.window:  # the window cuts nothing off
+                if cfg.attn_mask == "bidirectional":
+                    return AttentionInputs(rope, None, False)  # every query sees every key
+                if causal_like:
+                    return AttentionInputs(rope, None, True)  # the plain triangle: flash kernels, no mask
+            kpos = qpos
         dist = qpos[:, None] - kpos[None, :]  # (T, S): how far back each key is from each query
         allowed = {
             "causal": dist >= 0,
             "bidirectional": torch.ones_like(dist, dtype=torch.bool),
             "prefix": (dist >= 0) | (kpos[None, :] < prefix_len),  # the prefix sees all of itself
         }[cfg.attn_mask]
-        allowed = allowed & (dist.abs() < cfg.window)
+        allowed = allowed & (dist.abs() < cfg.window) & (kpos[None, :] >= 0)  # kpos -1: an empty cache slot
         if cfg.pos_encoding == "alibi":  # a linear penalty on distance, steeper for some heads than others
             bias = -self.alibi_slopes[:, None, None] * dist.abs()  # (nh, T, S)
             return AttentionInputs(rope, bias.masked_fill(~allowed, float("-inf")), False)
-        return AttentionInputs(rope, allowed, False)
+        blocks = None
+        if not cached and cfg.attn_mask == "causal" and flex_attention_applies(qpos.device):
+            # the flex path leaves the dense mask unread, so the compiled graph drops it
+            blocks = sliding_window_blocks(len(qpos), cfg.window, qpos.device)
+        return AttentionInputs(rope, allowed, False, block_mask=blocks)
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None, reference: bool = False,
-              prefix_len: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Token ids (B, T) -> final hidden states (B, T, C), and attention weights if `reference`."""
+              prefix_len: int | None = None,
+              positions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Token ids (B, T) -> final hidden states (B, T, C), and attention weights if `reference`.
+
+        With a KV cache the new tokens continue after the cached ones, at `positions` (T,) when given (a
+        compiled decode step passes them as a tensor, see sample.py) or else at the cache's next positions."""
         cfg = self.config
         B, T = idx.shape
-        start = kv_cache.next_pos if kv_cache is not None else 0  # new tokens continue after the cache
-        if cfg.pos_encoding == "learned" and start + T > cfg.block_size:
-            raise ValueError(f"{start + T} positions exceed block_size {cfg.block_size} (learned positions end there)")
-        if kv_cache is not None:
-            kv_cache.make_room(T, keep=cfg.window - 1)  # keys older than the window are seen by no new query
-        key_start = kv_cache.start if kv_cache is not None else 0
-        inputs = self.attention_inputs(start, key_start, T, cfg.prefix_len if prefix_len is None else prefix_len,
-                                       idx.device)
+        prefix_len = cfg.prefix_len if prefix_len is None else prefix_len
+        if kv_cache is None:
+            if cfg.pos_encoding == "learned" and T > cfg.block_size:
+                raise ValueError(f"{T} positions exceed block_size {cfg.block_size} (learned positions end there)")
+            positions = torch.arange(T, device=idx.device)
+            inputs = self.attention_inputs(positions, None, prefix_len)
+        else:
+            positions = kv_cache.claim(T) if positions is None else positions
+            slots = kv_cache.record(positions)  # before the mask, so that the new keys are among those it allows
+            inputs = self.attention_inputs(positions, kv_cache.slot_pos, prefix_len)
+            inputs.slots = slots
         x = self.wte(idx)  # (B, T, C)
         if cfg.pos_encoding == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions)
         elif cfg.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(torch.arange(start, start + T, device=idx.device), cfg.n_embd).to(x.dtype)
+            x = x + sinusoidal_encoding(positions, cfg.n_embd).to(x.dtype)
         x = self.drop(x)
         maps = []
         for i, block in enumerate(self.blocks):
@@ -503,19 +544,18 @@ class GPT(nn.Module):
                 x, weights = block(x, inputs, kv_cache, i, reference)
             if reference:  # the weights of the CPU training path are not kept: T x T per layer
                 maps.append(weights)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.ln_f(x), maps
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reference: bool = False, prefix_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                reference: bool = False, prefix_len: int | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for every position, and the mean cross-entropy when targets (B, T) are given
         (-1 marks positions without a target), plus the experts' load-balancing loss when training with experts.
 
         `reference=True` runs the explicit softmax attention instead of SDPA (slower; for tests and maps).
         `prefix_len` overrides config.prefix_len for a prefix-LM (e.g. the prompt's length when sampling).
         """
-        x, _ = self.trunk(idx, kv_cache, reference, prefix_len)
+        x, _ = self.trunk(idx, kv_cache, reference, prefix_len, positions)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None

@@ -5,9 +5,10 @@ decode loop (prefill the prompt into the KV cache, then one token per step).
 from __future__ import annotations
 
 import codecs
+import functools
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ class SampleConfig:
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches p; 1 = no limit
     seed: int = 1337  # the same seed gives the same text
     kv_cache: bool = True  # False recomputes the whole context every token (for comparison)
+    compile: bool = False  # torch.compile the one-token decode step (replayed as a CUDA graph on a GPU)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -77,7 +79,15 @@ def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: 
     if checkpoint == "best" and not path.exists() and (run_dir / "ckpt.pt").exists():
         raise UserError(f"{run_dir} has no best.pt yet (no evaluation has run); use --checkpoint latest")
     state = load_checkpoint(path)
-    model = GPT(GPTConfig(**state["config"]["model"]))
+    saved = state["config"].get("model", {})
+    unknown = sorted(set(saved) - {f.name for f in fields(GPTConfig)})
+    if unknown:  # written by a newer minigpt, with model settings this one cannot build
+        raise UserError(f"{path} has model settings this version of minigpt does not know ({', '.join(unknown)}); "
+                        "sample it with the version that trained it")
+    try:
+        model = GPT(GPTConfig(**saved))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} holds a model config this version cannot build ({e})") from None
     model.load_state_dict(state["model"])
     rt = inference_runtime(model.eval(), device)
     return LoadedRun(model, load_tokenizer(state["tokenizer"]), rt, state["step"])
@@ -102,10 +112,24 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, 
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def decode_one(model: GPT, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               prefix_len: int | None) -> torch.Tensor:
+    """The decode step: logits (B, 1, V) for one new token (B, 1) at positions (1,), its keys added to the cache.
+    Only tensors change from one token to the next, and none of their shapes, so it compiles to one graph."""
+    return model(token, kv_cache=cache, positions=positions, prefix_len=prefix_len)[0]
+
+
+@functools.cache
+def compiled_decode_one(device_type: str) -> Callable:
+    """decode_one compiled once per process: on a GPU replayed as a CUDA graph, a single launch per token
+    instead of one per kernel; on a CPU, inductor's fused kernels."""
+    return torch.compile(decode_one, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
 @torch.no_grad()
 def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_size: int, *, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, kv_cache: bool = True,
-                 rt: Runtime | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 rt: Runtime | None = None, compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B, 1), the logits they were drawn from (B, vocab_size)) once per new token.
 
     With the cache: prefill the prompt, then feed one token per step. Past block_size tokens:
@@ -113,9 +137,10 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
       half a block and the cache is rebuilt from it, once per half block rather than every token (each token
       sees between half a block and a block of context); the uncached path recomputes the same window;
     - other encodings continue their positions, each token seeing the last block_size (or attn_window) ones;
-      the cache drops keys older than that, and the uncached path masks them out of the whole sequence.
+      the cache overwrites keys older than that, and the uncached path masks them out of the whole sequence.
     A prefix-LM treats the prompt as its prefix. A bidirectional (masked-LM) model predicts a [MASK] appended
     to the context, which every earlier token sees, so nothing can be cached.
+    `compile` compiles the one-token step (`decode_one`); the prefill, whose length varies, runs eagerly.
     """
     cfg = model.config
     block_size = cfg.block_size
@@ -132,10 +157,17 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     if kv_cache and mask_token is None:
         cache = KVCache(cfg, prompt.size(0), max_len=min(block_size, 2 * chunk), device=prompt.device,
                         dtype=cache_dtype)
+    step = decode_one
+    if compile and cache is not None:
+        step = compiled_decode_one(prompt.device.type)
+        for t in (cache.k, cache.v, cache.slot_pos):  # updated in place: a CUDA graph may keep their addresses
+            torch._dynamo.mark_static_address(t)
+    cuda_graph = step is not decode_one and prompt.device.type == "cuda"
 
     room = block_size - (mask_token is not None)  # a masked LM's [MASK] takes one position
     start = 0  # with learned positions, the context is idx[:, start:]
     fresh = True  # the cache holds nothing of the context yet
+    token = idx[:, -1:]  # the newest token (a decode step always follows a prefill, which draws one)
     for _ in range(max_new_tokens):
         if not sliding and idx.size(1) - start > room:  # full: move the window on by half a block
             start, fresh = idx.size(1) - max(1, room // 2), True
@@ -152,8 +184,14 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
                 for part in context.split(chunk, dim=1):  # prefill (or rebuild)
                     logits = model(part, kv_cache=cache, prefix_len=prefix)[0]
                 fresh = False
-            else:
-                logits = model(idx[:, -1:], kv_cache=cache, prefix_len=prefix)[0]  # decode: the newest token
+            else:  # decode: the newest token
+                if cuda_graph:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
+                # the token drawn last step, not a slice of idx (whose stride grows: a recompile every step);
+                # only a prefix-LM reads prefix_len: passing it otherwise would recompile when the window moves
+                logits = step(model, token, cache.claim(1), cache, prefix if cfg.attn_mask == "prefix" else None)
+                if cuda_graph:
+                    logits = logits.clone()  # the graph's outputs are overwritten by its next replay
         logits = logits[:, -1, :vocab_size].float()  # padded rows (and [MASK]) are never sampled
         token = sample_next_token(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, token], dim=1)
@@ -166,7 +204,8 @@ def generate(model: GPT, prompt: torch.Tensor, vocab_size: int, sc: SampleConfig
     """Generate for a single prompt (1, T); return the new token ids, stopping early at `stop_token`."""
     out = []
     for token, _ in decode_steps(model, prompt, sc.max_new_tokens, vocab_size, temperature=sc.temperature,
-                                 top_k=sc.top_k, top_p=sc.top_p, generator=generator, kv_cache=sc.kv_cache, rt=rt):
+                                 top_k=sc.top_k, top_p=sc.top_p, generator=generator, kv_cache=sc.kv_cache, rt=rt,
+                                 compile=sc.compile):
         t = token.item()  # one host sync per token, to stream the text
         if t == stop_token:
             break

@@ -191,6 +191,9 @@ def test_format_comparison_table():
     assert table[2].split() == ["case", "(tokens/s)", "minigpt", "nanoGPT", "ratio", "target"]
     assert table[3].split()[-6:] == ["2,500.0", "2,000.0", "1.25x", ">=", "1.5x", "MISSED"]
     assert "  cpu nanoGPT: python train.py" in table
+    assert "  cpu: 4 layers; minigpt float32, nanoGPT float32" in table
+    result["cases"]["cpu"]["minigpt"]["compile"] = True  # --set run.compile=true on our side says so
+    assert "  cpu: 4 layers; minigpt float32 (compiled), nanoGPT float32" in bench.format_comparison(result)
 
 
 def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):

@@ -145,6 +145,7 @@ BAD = {
     "resume corrupt checkpoint": (["train", "--resume", "{root}/corrupt"], "corrupt"),
     "max_new_tokens 0": (["sample", "{root}/run", "--max-new-tokens", "0"], "max-new-tokens"),
     "sample bad device": (["sample", "{root}/run", "--device", "tpu"], "device must be auto, cpu"),
+    "compile without cache": (["sample", "{root}/run", "--compile", "--no-kv-cache"], "drop --no-kv-cache"),
     "bench sample bad device": (["bench", "sample", "{debug}", "--device", "cuda:x"], "device must be auto, cpu"),
     "bench sample --set on a run": (["bench", "sample", "{root}/run", "--set", "model.n_layer=2"], "--set changes"),
     "missing prompt file": (["sample", "{root}/run", "--prompt-file", "{root}/none.txt"], "prompt-file"),
@@ -217,3 +218,21 @@ def test_subword_tokenizers_prepare_train_and_sample(corpus_path, tmp_path, toke
     assert state["model"]["wte.weight"].shape[0] % 64 == 0  # padded for speed
     r = runner.invoke(app, ["sample", str(tmp_path / "run"), "--prompt", "Thou art", "--max-new-tokens", "20"])
     assert r.exit_code == 0 and r.stdout.startswith("Thou art") and len(r.stdout) > len("Thou art") + 5, r.output
+
+
+def test_sample_compile_gives_the_eager_text(workspace):
+    """`sample --compile` reaches the compiled decode step and writes the same greedy text."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    root, _ = workspace
+    args = ["sample", str(root / "run"), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "40"]
+    torch._dynamo.reset()
+    counters.clear()
+    eager = CliRunner().invoke(app, args)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = CliRunner().invoke(app, [*args, "--compile"])
+    assert counters["stats"]["unique_graphs"] == 1  # the decode step, compiled once
+    assert eager.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    assert compiled.stdout == eager.stdout and len(eager.stdout) == len("ROMEO:") + 40 + 1
+    torch._dynamo.reset()

@@ -98,7 +98,7 @@ def test_kv_cache_prefill_and_decode_match_full_forward(reference):
     for t in range(9, 16):  # one-token decode steps
         parts.append(m(idx[:, t:t + 1], kv_cache=cache, reference=reference)[0])
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
-    assert cache.length == 16
+    assert cache.next_pos == 16 and cache.slot_pos.tolist() == list(range(16))
 
 
 def test_cache_and_positions_refuse_overflow():
@@ -109,6 +109,16 @@ def test_cache_and_positions_refuse_overflow():
         m(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_ring_cache_refuses_a_chunk_that_would_overwrite_keys_it_needs():
+    m = make(pos_encoding="rope", attn_window=4)
+    cache = KVCache(m.config, batch_size=1, max_len=8)
+    m(torch.zeros(1, 8, dtype=torch.long), kv_cache=cache)  # fills the ring
+    m(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)  # 5 new + the 3 keys before them: exactly 8 slots
+    with pytest.raises(ValueError, match="holds 8 positions; 9 needed"):
+        m(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+    assert cache.next_pos == 13  # the refused chunk claimed nothing
 
 
 def test_dropout_only_in_training():

@@ -35,6 +35,41 @@ def test_cached_greedy_equals_uncached_past_block_size(prompt_len):
     torch.testing.assert_close(cached_logits, plain_logits, rtol=0, atol=1e-5)
 
 
+def test_decoding_never_reallocates_or_reshapes_the_cache(monkeypatch):
+    """The cache is one fixed ring: every decode step writes into the same storage, at the same shapes."""
+    model = tiny_model(pos_encoding="rope", attn_window=4)  # positions run on past the 8 slots
+    seen = []
+    real = sample.decode_one
+
+    def spy(model, token, positions, cache, prefix_len):
+        seen.append((cache.k.data_ptr(), cache.k.shape, cache.slot_pos.data_ptr(), token.shape, positions.shape))
+        return real(model, token, positions, cache, prefix_len)
+
+    monkeypatch.setattr(sample, "decode_one", spy)
+    run_steps(model, torch.randint(0, 50, (2, 3)), 25, kv_cache=True, temperature=0)
+    assert len(seen) == 24 and len(set(seen)) == 1  # the first token comes from the prefill
+    assert seen[0][1] == (2, 2, 2, 8, 16) and seen[0][3:] == ((2, 1), (1,))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_decode_step_equals_eager_and_compiles_once(batch):
+    """The compiled one-token step gives the eager tokens and logits, through one graph for every position
+    (no recompile as positions advance and the ring wraps)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(pos_encoding="rope", attn_window=4, n_kv_head=1)
+    prompt = torch.randint(0, 50, (batch, 3))
+    eager_tokens, eager_logits = run_steps(model, prompt, 30, kv_cache=True, temperature=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tokens, logits = run_steps(model, prompt, 30, kv_cache=True, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled, in one piece (no graph break)
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_same_seed_same_tokens_and_different_seed_differs():
     model = tiny_model()
     prompt = torch.zeros(1, 1, dtype=torch.long)
@@ -110,7 +145,8 @@ def test_load_and_sample_a_run(trained_run):
     assert texts == sample.sample(run, "ROMEO:", 2, sc, write=lambda s: None)  # same seed, same text
     no_cache = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0, kv_cache=False),
                              write=lambda s: None)
-    cached = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0), write=lambda s: None)
+    cached = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0),
+                           write=lambda s: None)
     assert cached == no_cache
 
 
@@ -124,6 +160,14 @@ def test_load_bad_runs(trained_run, tmp_path):
     run = sample.load_for_inference(trained_run)
     with pytest.raises(UserError, match="'€'"):
         sample.encode_prompt(run.tokenizer, "a€b")
+    # a checkpoint from a newer version, whose model has a setting this one lacks, or a value it refuses
+    state = train.load_checkpoint(trained_run)
+    for change, message in [({"attn_sinks": 4}, r"does not know \(attn_sinks\)"), ({"n_head": 5}, "divisible")]:
+        future = tmp_path / f"future-{len(message)}"
+        train.save_checkpoint(future / "ckpt.pt", {**state, "config": {**state["config"],
+                                                   "model": {**state["config"]["model"], **change}}})
+        with pytest.raises(UserError, match=message):
+            sample.load_for_inference(future)
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope", "alibi"])
