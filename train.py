@@ -16,13 +16,14 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 import zipfile
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import numpy as np
 import torch
@@ -671,6 +672,7 @@ class TrainResult:
     best_val_loss: float
     last_eval: dict | None  # {"train": ..., "val": ...} of the last evaluation, if any
     stopped_by: str | None  # the signal that stopped the run early, if one did
+    world_size: int  # processes that ran it (torchrun)
 
 
 def resolve_vocab(cfg: Config, meta: dict, data_dir: str) -> Config:
@@ -735,6 +737,20 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def end_torchrun_worker() -> NoReturn:
+    """Exit a torchrun worker whose run has finished, skipping the interpreter's finalization.
+
+    FSDP's process group outlives destroy_process_group (torch's DTensor sharding cache keeps its device mesh),
+    so gloo's worker threads live on, and one may still be releasing a finished collective whose tensors are
+    Python objects. Once the interpreter is finalizing, that thread cannot take the GIL and aborts the process
+    ("terminate called without an active exception", SIGABRT): a finished run would end as a failed torchrun
+    job, now and then, more often on a loaded machine. Everything the run writes is closed by now.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
@@ -891,7 +907,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     if stopped_by and rt.is_main:
         print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out_dir}/ckpt.pt\n"
               f"resume with: minigpt train --resume {out_dir}", flush=True)
-    return TrainResult(step, best_val_loss, last_eval, stopped_by)
+    return TrainResult(step, best_val_loss, last_eval, stopped_by, rt.world_size)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def train(
     if print_config:
         typer.echo(config_to_toml(cfg), nl=False)
         return
-    trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(cfg))
+    result = trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(cfg))
+    if result.world_size > 1:
+        trainer.end_torchrun_worker()
 
 
 @app.command()
