@@ -12,8 +12,34 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's own usage errors (an unknown option or command, a missing argument, a value of the wrong type) as
+    one `error:` line with exit code 2, like ours, instead of a usage banner and a boxed message."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # a typer.Exit's code, or None
+        except typer.BadParameter.__base__ as e:  # click's UsageError (typer >= 0.22 vendors its own click)
+            message, ctx = " ".join(e.format_message().split()), getattr(e, "ctx", None)
+            if message:  # none when a group called without a command has printed its help instead
+                path = ctx.command_path.split() if ctx is not None else []
+                if path and path[0].endswith(".py"):  # `python train.py ...` runs `train ...`: not named twice
+                    del path[1:2]
+                hint = f" (see: {' '.join(path)} --help)" if path else ""
+                print(f"error: {message}{hint}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

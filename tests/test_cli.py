@@ -152,6 +152,11 @@ BAD = {
     "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
     "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
     "bad tokenizer": (["prepare", "shakespeare", "--tokenizer", "words"], "tokenizer"),
+    # click's own parse errors, too
+    "unknown option": (["train", "--bogus"], "No such option: --bogus (see: "),
+    "unknown command": (["frobnicate"], "No such command 'frobnicate'"),
+    "missing argument": (["sample"], "Missing argument 'run_dir'"),
+    "ill-typed option": (["bench", "sample", "{root}/run", "--batch", "many"], "Invalid value for '--batch'"),
 }
 
 
@@ -178,6 +183,10 @@ def test_bad_input_through_a_real_process_has_no_traceback(tmp_path):
     r = minigpt("train", REPO_ROOT / "config" / "debug.toml", "--set", "modle.n_layer=2", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: unknown section 'modle' (did you mean 'model'?); sections are: model, data, optim, train, run, log"
+    r = minigpt("bench", "train", REPO_ROOT / "config" / "debug.toml", "--stpes", "3", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: No such option: --stpes")  # click's wording
+    assert r.stderr.endswith(" (see: minigpt bench train --help)\n") and "--steps" in r.stderr  # its suggestion
 
 
 def test_readme_documents_every_config_key_with_its_default():
