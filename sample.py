@@ -126,9 +126,23 @@ def compiled_decode_one(device_type: str) -> Callable:
     return torch.compile(decode_one, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
 
 
+def prefill_chunk(cfg: GPTConfig) -> int:
+    """Tokens per prefill call: a causal sliding window needs only its own keys, so a prompt goes in window-sized
+    chunks (a prefix-LM's prefix must see all of itself at once)."""
+    return cfg.window if cfg.attn_mask == "causal" else cfg.block_size
+
+
+def decode_cache(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    """The KV cache decode_steps uses: two prefill chunks' worth of slots, at most block_size. One cache can serve
+    several samples in turn (each prefill resets it), so a compiled step keeps the same static tensors."""
+    cfg = model.config
+    return KVCache(cfg, batch_size, max_len=min(cfg.block_size, 2 * prefill_chunk(cfg)), device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_size: int, *, temperature: float = 0.8,
-                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None, kv_cache: bool = True,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 kv_cache: bool | KVCache = True,
                  rt: Runtime | None = None, compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B, 1), the logits they were drawn from (B, vocab_size)) once per new token.
 
@@ -141,6 +155,7 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     A prefix-LM treats the prompt as its prefix. A bidirectional (masked-LM) model predicts a [MASK] appended
     to the context, which every earlier token sees, so nothing can be cached.
     `compile` compiles the one-token step (`decode_one`); the prefill, whose length varies, runs eagerly.
+    `kv_cache` may be a cache from `decode_cache` to reuse (as `sample` does for its samples).
     """
     cfg = model.config
     block_size = cfg.block_size
@@ -150,13 +165,15 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     idx = prompt[:, -block_size:]
     n_prompt = idx.size(1)
     cache_dtype = rt.dtype if rt is not None else next(model.parameters()).dtype  # keys and values come out of autocast
-    # a sliding window needs only its own keys: prefill in window-sized chunks into a cache of two windows
-    # (a prefix-LM's prefix must see all of itself at once)
-    chunk = cfg.window if cfg.attn_mask == "causal" else block_size
+    chunk = prefill_chunk(cfg)
     cache = None
-    if kv_cache and mask_token is None:
-        cache = KVCache(cfg, prompt.size(0), max_len=min(block_size, 2 * chunk), device=prompt.device,
-                        dtype=cache_dtype)
+    if isinstance(kv_cache, KVCache) and mask_token is None:
+        cache = kv_cache
+        if (cache.k.size(1), cache.k.device, cache.k.dtype) != (prompt.size(0), prompt.device, cache_dtype):
+            raise ValueError(f"the KV cache is for batch {cache.k.size(1)} on {cache.k.device} in {cache.k.dtype}, "
+                             f"not batch {prompt.size(0)} on {prompt.device} in {cache_dtype}")
+    elif kv_cache and mask_token is None:
+        cache = decode_cache(model, prompt.size(0), prompt.device, cache_dtype)
     step = decode_one
     if compile and cache is not None:
         step = compiled_decode_one(prompt.device.type)
@@ -200,11 +217,14 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
 
 def generate(model: GPT, prompt: torch.Tensor, vocab_size: int, sc: SampleConfig, *,
              generator: torch.Generator | None = None, rt: Runtime | None = None,
-             stop_token: int | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Generate for a single prompt (1, T); return the new token ids, stopping early at `stop_token`."""
+             stop_token: int | None = None, on_token: Callable[[int], None] | None = None,
+             cache: KVCache | None = None) -> list[int]:
+    """Generate for a single prompt (1, T); return the new token ids, stopping early at `stop_token`. `cache`: a
+    KV cache to reuse (from `decode_cache`), when sc.kv_cache."""
     out = []
     for token, _ in decode_steps(model, prompt, sc.max_new_tokens, vocab_size, temperature=sc.temperature,
-                                 top_k=sc.top_k, top_p=sc.top_p, generator=generator, kv_cache=sc.kv_cache, rt=rt,
+                                 top_k=sc.top_k, top_p=sc.top_p, generator=generator,
+                                 kv_cache=cache if sc.kv_cache and cache is not None else sc.kv_cache, rt=rt,
                                  compile=sc.compile):
         t = token.item()  # one host sync per token, to stream the text
         if t == stop_token:
@@ -236,6 +256,10 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
     ids = encode_prompt(run.tokenizer, prompt)
     x = torch.tensor([ids], dtype=torch.long, device=run.rt.device)
     generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
+    # one cache for every sample: a compiled decode step (a CUDA graph) keeps reading the same tensors
+    cache = None
+    if sc.kv_cache and run.model.config.mask_token is None:
+        cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype)
     texts = []
     for i in range(num_samples):
         if i:
@@ -243,7 +267,7 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
         write(prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a UTF-8 character
         new = generate(run.model, x, run.tokenizer.vocab_size, sc, generator=generator, rt=run.rt,
-                       stop_token=run.tokenizer.eot_token,
+                       stop_token=run.tokenizer.eot_token, cache=cache,
                        on_token=lambda t: write(decoder.decode(run.tokenizer.decode_bytes([t]))))
         write(decoder.decode(b"", final=True))
         texts.append(prompt + run.tokenizer.decode(new))

@@ -1,5 +1,7 @@
 """sample.py: cached == uncached decoding (past block_size too), token sampling rules, seeds, loading a run."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -148,6 +150,27 @@ def test_load_and_sample_a_run(trained_run):
     cached = sample.sample(run, "ROMEO:", 1, sample.SampleConfig(max_new_tokens=40, temperature=0),
                            write=lambda s: None)
     assert cached == no_cache
+
+
+def test_samples_share_one_cache_and_a_used_cache_decodes_like_none(trained_run, monkeypatch):
+    """sample() hands one KV cache to every sample (a compiled step keeps its static tensors); what the first
+    sample left in it changes nothing for the next ones."""
+    run = sample.load_for_inference(trained_run)
+    sc = sample.SampleConfig(max_new_tokens=30, temperature=0.9, top_k=5, seed=7)
+    uncached = sample.sample(run, "KING:", 3, replace(sc, kv_cache=False), write=lambda s: None)
+    caches = set()
+    real = sample.decode_one
+
+    def spy(model, token, positions, cache, prefix_len):
+        caches.add((cache.k.data_ptr(), cache.v.data_ptr(), cache.slot_pos.data_ptr()))
+        return real(model, token, positions, cache, prefix_len)
+
+    monkeypatch.setattr(sample, "decode_one", spy)
+    assert sample.sample(run, "KING:", 3, sc, write=lambda s: None) == uncached
+    assert len(caches) == 1
+    with pytest.raises(ValueError, match="batch 1"):  # a cache for another batch size is refused, not misused
+        list(sample.decode_steps(run.model, torch.zeros(2, 3, dtype=torch.long), 2, 65,
+                                 kv_cache=sample.decode_cache(run.model, 1, run.rt.device, run.rt.dtype), rt=run.rt))
 
 
 def test_load_bad_runs(trained_run, tmp_path):
