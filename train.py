@@ -468,6 +468,13 @@ def tidy_run_dir(out_dir: Path, step: int) -> None:
         atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed the global generator (dropout's) for step `step` of process `rank`: like the batches, the dropout
+    masks become a function of (seed, step, rank) alone, so a resumed run continues every process's stream
+    exactly, whatever the checkpoint holds of the generators' states (under torchrun, rank 0's only)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, np.uint64)[0]))
+
+
 def rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state(legacy=False)
     return {
@@ -774,7 +781,6 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     model = GPT(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
     check_memory(cfg, rt, model.num_params(non_embedding=False))
-    torch.manual_seed(cfg.run.seed + rt.rank)  # but each its own dropout
     parallelize(model, cfg, rt)
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
@@ -790,7 +796,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
-        if rt.world_size == 1:  # the random streams of one process; several each reseed their own above
+        if rt.world_size == 1:  # python's and numpy's streams (torch's is reseeded every step)
             set_rng_state(checkpoint["rng"], rt.device)
     step_model = wrap_for_training(model, cfg, rt)
 
@@ -855,6 +861,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         model.train()
         while step < cfg.train.max_iters:
             lr = lr_at(step, cfg.optim, cfg.train.max_iters)
+            seed_step(cfg.run.seed, step, rt.rank)  # each process its own dropout masks, the same after a resume
             loss, bad = train_step(step_model, optimizer, scaler, batches, step, rt, lr, micro_steps,
                                    cfg.optim.grad_clip)
             step += 1  # a skipped step still uses up its batches and its place in the schedule

@@ -208,6 +208,18 @@ def test_resume_on_another_number_of_processes_continues_the_same_run(first, sec
     assert_same_run(run, reference)
 
 
+def test_a_resumed_two_process_run_with_dropout_continues_every_process_exactly(char_data, tmp_path):
+    """Each process draws its own dropout masks, a function of (seed, step, rank): stopped and resumed on two
+    processes, the run takes exactly the steps of the uninterrupted one (the checkpoint holds no rank 1 state)."""
+    dropout = {"model.dropout": 0.2}
+    straight = train_ok(2, char_data, tmp_path / "straight", tmp_path, **dropout)
+    split = train_ok(2, char_data, tmp_path / "split", tmp_path, **dropout, **{"train.max_iters": HALF})
+    resume_ok(2, split, tmp_path)
+    assert max_diffs(split, straight) == {"loss": 0.0, "train_loss": 0.0, "val_loss": 0.0, "weights": 0.0}
+    one = train_ok(1, char_data, tmp_path / "one", tmp_path, **dropout)  # dropout really acts, per process
+    assert max_diffs(one, straight)["loss"] > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4: a worker that dies takes the job down, instead of leaving the others waiting for it.
 
