@@ -360,9 +360,6 @@ def compare_quality(nanogpt_dir: Path, config: str, overrides: list[str], cfg: t
                     log: Callable[[str], None]) -> dict:
     """Both trained for train.max_iters steps at the same shapes and schedule; the val loss each reports at the end
     (over train.eval_iters batches, for both)."""
-    if not (REPO_ROOT / cfg.data.dir / "meta.json").exists():
-        raise UserError(f"--quality trains on real data, and {cfg.data.dir} has none: run "
-                        "`minigpt prepare shakespeare --tokenizer char` first")
     steps = cfg.train.max_iters
     their_cmd = nanogpt_train_command(cfg, [f"--max_iters={steps}", f"--lr_decay_iters={steps}",
                                             f"--eval_interval={steps}", f"--eval_iters={cfg.train.eval_iters}",
@@ -397,6 +394,11 @@ def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[st
     train.max_iters steps and compares the final val loss."""
     nanogpt_dir = Path(nanogpt_dir).resolve()
     check_nanogpt_dir(nanogpt_dir)
+    if quality:  # before minutes of timing, not after them
+        data_dir = load_config(REPO_ROOT / CASES["cpu"].config, [*CASES["cpu"].overrides, *overrides]).data.dir
+        if not (REPO_ROOT / data_dir / "meta.json").exists():
+            raise UserError(f"--quality trains on real data, and {REPO_ROOT / data_dir} has none: run "
+                            "`minigpt prepare shakespeare --tokenizer char` in the repository first")
     ensure_nanogpt_data(nanogpt_dir, input_path, log)
     result = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "nanogpt_dir": str(nanogpt_dir),
               "minigpt_dir": str(REPO_ROOT),

@@ -220,6 +220,9 @@ def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
                           (["--set", "model.norm=rmsnorm"], "model.norm = 'rmsnorm', which nanoGPT's model does not")]:
         r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu", *args])
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality", "--set", "data.dir=data/none"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --quality trains on real data")
+    assert "[cpu" not in r.stderr  # refused before any timing
     monkeypatch.setenv("FAKE_FAIL", "1")  # a failing nanoGPT: its last stderr line, in the one error line
     r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu"])
     progress, error = r.stderr.strip().splitlines()
