@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -287,8 +286,20 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batches: random windows of the token file. Micro-batch i of step s is drawn from a generator seeded with
-# (seed, s, i) alone, so a resumed run, or one spread over any number of processes, sees exactly the same data.
+# Randomness as a function of the step: micro-batch i of step s is drawn from a generator seeded with (seed, s, i)
+# alone, and process r's dropout masks in step s from (seed, s, r), so a resumed run, or one spread over any number
+# of processes, sees exactly the same data, and continues every process's dropout stream: no generator state is
+# saved.
+
+
+def derived_seed(*keys: int) -> int:
+    """A 64-bit seed mixed from the keys: neighbouring keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed the global generator, which dropout draws from, for step `step` of process `rank`."""
+    torch.manual_seed(derived_seed(seed, step, rank, 1))  # the 4th key: never a batch's (seed, step, micro)
 
 
 MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
@@ -329,8 +340,7 @@ class Batches(BatchSource):
             )
 
     def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, step, micro))
         data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
         starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=generator)
         windows = np.stack([data[i:i + self.block_size + 1] for i in starts.tolist()]).astype(np.int64)
@@ -466,36 +476,6 @@ def tidy_run_dir(out_dir: Path, step: int) -> None:
             except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
                 pass
         atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
-
-
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Reseed the global generator (dropout's) for step `step` of process `rank`: like the batches, the dropout
-    masks become a function of (seed, step, rank) alone, so a resumed run continues every process's stream
-    exactly, whatever the checkpoint holds of the generators' states (under torchrun, rank 0's only)."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, np.uint64)[0]))
-
-
-def rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
-                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-    }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    # torch.load gives lists where tuples were saved; random.setstate wants its tuples back
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    npst = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": npst["key"].numpy().astype(np.uint32),
-                         "pos": npst["pos"]}, "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -776,8 +756,6 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     for split in ("train", "val"):
         check_token_ids(cfg.data.dir, split, meta)
 
-    random.seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     model = GPT(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
     check_memory(cfg, rt, model.num_params(non_embedding=False))
@@ -796,8 +774,6 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
-        if rt.world_size == 1:  # python's and numpy's streams (torch's is reseeded every step)
-            set_rng_state(checkpoint["rng"], rt.device)
     step_model = wrap_for_training(model, cfg, rt)
 
     tokens_per_step = cfg.tokens_per_step
@@ -824,7 +800,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
-            "tokenizer": meta["tokenizer"], "rng": rng_state(rt.device),
+            "tokenizer": meta["tokenizer"],
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
         }
 
