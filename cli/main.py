@@ -6,7 +6,6 @@ Bad input anywhere (a UserError) ends as one line on stderr and exit code 2, nev
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,9 +13,11 @@ from typing import List, Optional
 import typer
 import typer.core
 
-class OneLineUsageErrors(typer.core.TyperGroup):
-    """Click's own usage errors (an unknown option or command, a missing argument, a value of the wrong type) as
-    one `error:` line with exit code 2, like ours, instead of a usage banner and a boxed message."""
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Every bad input as one `error:` line on stderr with exit code 2: a UserError from a command, and click's own
+    usage errors (an unknown option or command, a missing argument, a value of the wrong type), which it would
+    print as a usage banner and a boxed message."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -35,32 +36,23 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         except typer.Abort:
             print("aborted", file=sys.stderr)
             sys.exit(1)
+        except Exception as e:
+            from prepare_data import UserError  # here, not at the top: `--help` imports nothing heavy
+
+            if not isinstance(e, UserError):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
-    cls=OneLineUsageErrors,
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Train GPT-style transformers from a terminal: prepare data, train, sample, resume.",
 )
-
-
-def one_line_errors(command):
-    """Turn a UserError raised by the command into `error: ...` on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from prepare_data import UserError
-
-        try:
-            return command(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def config_from(path: Path, overrides: list[str]):
@@ -77,7 +69,6 @@ def config_from(path: Path, overrides: list[str]):
 
 
 @app.command()
-@one_line_errors
 def prepare(
     source: str = typer.Argument(..., help="'shakespeare', or a path to a .txt file or a folder of .txt files"),
     tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus)"),
@@ -95,7 +86,6 @@ def prepare(
 
 
 @app.command()
-@one_line_errors
 def train(
     config: Optional[Path] = typer.Argument(None, help="a TOML config, e.g. config/shakespeare_char.toml"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder from ckpt.pt"),
@@ -126,7 +116,6 @@ def train(
 
 
 @app.command()
-@one_line_errors
 def sample(
     run_dir: Path = typer.Argument(..., help="a run folder written by `minigpt train`"),
     prompt: str = typer.Option("", help="text to continue [default: start of text]"),
@@ -175,7 +164,6 @@ def sample(
 
 
 @app.command()
-@one_line_errors
 def inspect(
     target: Path = typer.Argument(..., help="a TOML config, or a run folder containing ckpt.pt"),
     set_: List[str] = typer.Option([], "--set", help="override a config key: --set model.n_kv_head=2 (repeatable)"),
@@ -216,7 +204,6 @@ def echo_result(title: str, result: dict, as_json: bool) -> None:
 
 
 @bench_app.command("train")
-@one_line_errors
 def bench_train(
     config: Path = typer.Argument(..., help="a TOML config (or a run folder, for its config)"),
     set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set run.compile=true"),
@@ -236,7 +223,6 @@ def bench_train(
 
 
 @bench_app.command("sample")
-@one_line_errors
 def bench_sample(
     target: Path = typer.Argument(..., help="a run folder (its trained model) or a TOML config (random weights)"),
     set_: List[str] = typer.Option([], "--set", help="override a config key (configs only)"),
@@ -278,7 +264,6 @@ def bench_sample(
 
 
 @bench_app.command("nanogpt")
-@one_line_errors
 def bench_nanogpt(
     nanogpt_dir: Path = typer.Argument(..., help="a checkout of github.com/karpathy/nanoGPT"),
     case: List[str] = typer.Option([], "--case", help="cpu | baby | sample (repeatable); all three by default"),
