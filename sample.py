@@ -167,13 +167,12 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     cache_dtype = rt.dtype if rt is not None else next(model.parameters()).dtype  # keys and values come out of autocast
     chunk = prefill_chunk(cfg)
     cache = None
-    if isinstance(kv_cache, KVCache) and mask_token is None:
-        cache = kv_cache
+    if kv_cache is not False and mask_token is None:  # True, or a cache to reuse
+        cache = kv_cache if isinstance(kv_cache, KVCache) else decode_cache(model, prompt.size(0), prompt.device,
+                                                                             cache_dtype)
         if (cache.k.size(1), cache.k.device, cache.k.dtype) != (prompt.size(0), prompt.device, cache_dtype):
             raise ValueError(f"the KV cache is for batch {cache.k.size(1)} on {cache.k.device} in {cache.k.dtype}, "
                              f"not batch {prompt.size(0)} on {prompt.device} in {cache_dtype}")
-    elif kv_cache and mask_token is None:
-        cache = decode_cache(model, prompt.size(0), prompt.device, cache_dtype)
     step = decode_one
     if compile and cache is not None:
         step = compiled_decode_one(prompt.device.type)
@@ -220,11 +219,11 @@ def generate(model: GPT, prompt: torch.Tensor, vocab_size: int, sc: SampleConfig
              stop_token: int | None = None, on_token: Callable[[int], None] | None = None,
              cache: KVCache | None = None) -> list[int]:
     """Generate for a single prompt (1, T); return the new token ids, stopping early at `stop_token`. `cache`: a
-    KV cache to reuse (from `decode_cache`), when sc.kv_cache."""
+    KV cache to reuse (from `decode_cache`) instead of a new one."""
     out = []
     for token, _ in decode_steps(model, prompt, sc.max_new_tokens, vocab_size, temperature=sc.temperature,
                                  top_k=sc.top_k, top_p=sc.top_p, generator=generator,
-                                 kv_cache=cache if sc.kv_cache and cache is not None else sc.kv_cache, rt=rt,
+                                 kv_cache=cache if cache is not None else sc.kv_cache, rt=rt,
                                  compile=sc.compile):
         t = token.item()  # one host sync per token, to stream the text
         if t == stop_token:
@@ -257,9 +256,7 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
     x = torch.tensor([ids], dtype=torch.long, device=run.rt.device)
     generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
     # one cache for every sample: a compiled decode step (a CUDA graph) keeps reading the same tensors
-    cache = None
-    if sc.kv_cache and run.model.config.mask_token is None:
-        cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype)
+    cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype) if sc.kv_cache else None
     texts = []
     for i in range(num_samples):
         if i:
