@@ -297,9 +297,13 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
+def seed_step(seed: int, step: int, rank: int, device: torch.device) -> None:
     """Reseed the global generator, which dropout draws from, for step `step` of process `rank`."""
-    torch.manual_seed(derived_seed(seed, step, rank, 1))  # the 4th key: never a batch's (seed, step, micro)
+    s = derived_seed(seed, step, rank, 1)  # the 4th key: never a batch's (seed, step, micro)
+    if device.type == "cpu":  # torch.manual_seed visits every backend: 75 µs, 0.5% of a small CPU step
+        torch.default_generator.manual_seed(s)
+    else:
+        torch.manual_seed(s)
 
 
 MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
@@ -837,7 +841,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         model.train()
         while step < cfg.train.max_iters:
             lr = lr_at(step, cfg.optim, cfg.train.max_iters)
-            seed_step(cfg.run.seed, step, rt.rank)  # each process its own dropout masks, the same after a resume
+            seed_step(cfg.run.seed, step, rt.rank, rt.device)  # each process its own dropout masks, the same after a resume
             loss, bad = train_step(step_model, optimizer, scaler, batches, step, rt, lr, micro_steps,
                                    cfg.optim.grad_clip)
             step += 1  # a skipped step still uses up its batches and its place in the schedule
