@@ -13,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 # A small Shakespeare-like text for machines without the shared corpus (varied characters, several speakers).
+# The char tokenizer knows only its characters: the tests' prompts (ROMEO:, KING:, ...) must be spelt from them.
 SMALL_CORPUS = """\
 First Citizen:
 Before we proceed any further, hear me speak.
@@ -29,6 +30,10 @@ Resolved. resolved.
 MENENIUS:
 What work's, my countrymen, in hand? where go you
 With bats and clubs? The matter? speak, I pray you.
+
+KING RICHARD II:
+For God's sake, let us sit upon the ground
+And tell sad stories of the death of kings.
 
 JULIET:
 O Romeo, Romeo! wherefore art thou Romeo?
