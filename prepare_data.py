@@ -14,6 +14,8 @@ class UserError(Exception):
 #   2. the on-disk format: write_dataset, read_meta, open_split
 #   3. sources: the tiny-Shakespeare download, or local .txt files
 #   4. prepare(...): source -> split -> tokenize -> write, the one entry point the CLI calls
+# Source/target pairs (task:NAME, .tsv, .jsonl of pairs) have their own format and pipeline in pairs.py,
+# which prepare(...) hands them to.
 #
 # Only numpy is imported at module level; tiktoken and rustbpe are imported where they are used,
 # so that `import prepare_data` (done by every other module for UserError) stays cheap.
@@ -39,6 +41,8 @@ import numpy as np
 DATA_ROOT = Path("data")  # relative to where minigpt runs, like the data.dir paths in config/*.toml
 
 TOKENIZER_KINDS = ("char", "gpt2", "bpe")
+EXAMPLES_ONLY_FOR_TASKS = "--examples applies only to task: sources (it sets how many train pairs a task makes); drop it"
+DEFAULT_SEED = 1337  # shuffles pairs datasets and seeds generated tasks (a token-stream split is fixed, no seed)
 DEFAULT_BPE_VOCAB_SIZE = 1024
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per tiktoken encode call
 PROGRESS_MIN_CHARS = 4 << 20  # show a progress bar only for inputs above ~4 MB
@@ -393,27 +397,45 @@ def write_dataset(out_dir: str | Path, train_ids, val_ids, meta: dict) -> dict:
     _check_meta(full, out_dir)
 
     contents: dict[str, Callable] = {f"{s}.bin": (lambda f, a=arrays[s]: a.tofile(f)) for s in SPLITS}
-    bpe = full["tokenizer"]["kind"] == "bpe"
-    if bpe:
-        contents[BPE_RANKS_FILE] = lambda f: f.write(full["tokenizer"]["ranks"].encode("utf-8"))
-    contents[META_FILE] = lambda f: f.write((json.dumps(full, indent=2) + "\n").encode("utf-8"))
+    contents.update(dataset_extras(full))
+    # A pairs dataset's files (pairs.py) go, so the folder holds one format and nothing stale beside it.
+    stale = [f"{s}.idx" for s in (*SPLITS, "length")] + ["length.bin"]
+    write_files(out_dir, contents, stale)
+    return full
 
+
+def dataset_extras(meta: dict) -> dict[str, Callable[[BinaryIO], object]]:
+    """The files every dataset format writes beside its token files: tokenizer.tiktoken (bpe) and meta.json, last."""
+    extras: dict[str, Callable[[BinaryIO], object]] = {}
+    if meta["tokenizer"]["kind"] == "bpe":
+        extras[BPE_RANKS_FILE] = lambda f: f.write(meta["tokenizer"]["ranks"].encode("utf-8"))
+    extras[META_FILE] = lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    return extras
+
+
+def write_files(out_dir: str | Path, contents: dict[str, Callable[[BinaryIO], object]], stale: Iterable[str] = ()) -> None:
+    """Replace a dataset's files in out_dir: each written to a fsynced temp file first (a failure there changes
+    nothing), then meta.json and the `stale` files removed, then each moved into place in order, meta.json last,
+    so a crash never leaves a meta.json that describes other files. tokenizer.tiktoken is stale unless written."""
+    out_dir = Path(out_dir)
+    if list(contents)[-1] != META_FILE:
+        raise ValueError(f"{META_FILE} must be the last file written")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass --out DIR to write elsewhere")
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [n for n in (*stale, BPE_RANKS_FILE) if n not in contents]
     tmp: dict[str, str] = {}
     try:
         for name, write in contents.items():
             tmp[name] = write_temp(out_dir, name, write)
         (out_dir / META_FILE).unlink(missing_ok=True)
-        if not bpe:
-            (out_dir / BPE_RANKS_FILE).unlink(missing_ok=True)  # stale from an earlier bpe run
-        for name in contents:  # meta.json is last in `contents`
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
+        for name in contents:
             os.replace(tmp.pop(name), out_dir / name)
     finally:
         for path in tmp.values():
             Path(path).unlink(missing_ok=True)
-    return full
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,14 +461,51 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _decode_utf8(data: bytes, path: Path) -> str:
+def _decode_utf8(data: bytes, path: Path, offset: int = 0, first_line: int = 1) -> str:
+    """`data` as text; `offset` and `first_line` say where data starts in the file, so an error names the file's
+    byte and line."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
         raise UserError(
-            f"{path} is not UTF-8 text (bad byte {data[e.start:e.start + 1]!r} at byte offset {e.start}); "
-            "convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+            f"{path} is not UTF-8 text (bad byte {data[e.start:e.start + 1]!r} at byte offset {offset + e.start}) on "
+            f"line {line}; convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`"
         ) from None
+
+
+def _json_type(value) -> str:
+    """JSON's name for a parsed value's type, for messages about a file the user wrote."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "object", list: "array", str: "string"}.get(type(value), "number")
+
+
+def parse_jsonl_line(line: str, path: Path, lineno: int, example: str) -> dict:
+    """One line of a JSON Lines file as an object; `example` shows the expected shape in the error."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}); write one object a line, e.g. {example}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} line {lineno} is a JSON {_json_type(obj)}, not an object; write one object a line, e.g. {example}")
+    return obj
+
+
+def jsonl_string(obj: dict, key: str, path: Path, lineno: int, example: str) -> str:
+    if key not in obj:
+        keys = ", ".join(map(json.dumps, obj)) or "none"
+        raise UserError(f'{path} line {lineno} has no "{key}" key (it has: {keys}); each line needs {example}')
+    value = obj[key]
+    if not isinstance(value, str):
+        raise UserError(f'{path} line {lineno}: "{key}" is a JSON {_json_type(value)}, not a string; each line needs {example}')
+    return value
+
+
+def read_jsonl(data: bytes, path: Path, example: str) -> list[tuple[int, dict]]:
+    """The objects of a JSON Lines file's bytes with their line numbers (from 1), blank lines skipped."""
+    text = _decode_utf8(data, path).removeprefix("\ufeff")  # a BOM would make line 1 invalid JSON
+    return [(n, parse_jsonl_line(line, path, n, example)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def _download(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
@@ -494,10 +553,18 @@ def _shakespeare(input_path, data_root: Path, log: Log) -> Source:
                   data.decode("utf-8"), SHAKESPEARE_SHA256, len(data))
 
 
+JSONL_TEXT_EXAMPLE = '{"text": "..."}'
+
+
 def _local(source: str) -> Source:
-    """A .txt file, or a folder whose *.txt files are concatenated in sorted order."""
+    """A .txt file, a folder whose *.txt files are concatenated in sorted order, or a .jsonl file of
+    {"text": ...} documents joined by newlines (JSONL of source/target pairs goes to pairs.py instead)."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_file() and path.suffix == ".jsonl":
+        data = path.read_bytes()
+        text = "\n".join(jsonl_string(obj, "text", path, n, JSONL_TEXT_EXAMPLE) for n, obj in read_jsonl(data, path, JSONL_TEXT_EXAMPLE))
+        name = path.stem
+    elif path.is_dir():
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
             raise UserError(f"folder {path} holds no .txt files; put the text in *.txt files there, or pass one file")
@@ -514,8 +581,8 @@ def _local(source: str) -> Source:
         name = path.stem
     else:
         raise UserError(
-            f"source {source!r} is not 'shakespeare' and no such file or folder exists; "
-            "pass 'shakespeare', a .txt file, or a folder of .txt files"
+            f"source {source!r} is not 'shakespeare' and no such file or folder exists; pass 'shakespeare', "
+            "'task:NAME', a .txt file, a folder of .txt files, or a .tsv or .jsonl file"
         )
     if not text.strip():
         raise UserError(f"{path} holds no text (it is empty or whitespace only); pass a file with some text in it")
@@ -527,7 +594,7 @@ def read_source(source: str, input_path=None, data_root: Path = DATA_ROOT, log: 
     if source == "shakespeare":
         return _shakespeare(input_path, Path(data_root), log)
     if input_path is not None:
-        raise UserError("--input only applies to the 'shakespeare' source; pass your file or folder as SOURCE instead")
+        raise UserError("--input only applies to 'shakespeare' and task:speaker / task:modernize; pass your file or folder as SOURCE instead")
     return _local(source)
 
 
@@ -633,8 +700,16 @@ def _check_request(tokenizer: str, vocab_size, val_fraction) -> tuple[str, int |
     return kind, vocab_size
 
 
-def _reusable(out_dir: Path, request: dict, force: bool, log: Log) -> bool:
-    """True if out_dir already holds this exact dataset; raise if it holds another one (unless force)."""
+def _open_token_splits(out_dir: Path, meta: dict) -> None:
+    for split in SPLITS:
+        open_split(out_dir, split, meta)
+
+
+def _reusable(out_dir: Path, request: dict, force: bool, log: Log, verify: Callable[[Path, dict], object] = _open_token_splits) -> bool:
+    """True if out_dir already holds this exact dataset; raise if it holds another one (unless force).
+
+    `verify(out_dir, meta)` raises a UserError when the files on disk do not match the meta (then they are rewritten).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass --out DIR to write elsewhere")
     if not (out_dir / META_FILE).exists():
@@ -645,7 +720,8 @@ def _reusable(out_dir: Path, request: dict, force: bool, log: Log) -> bool:
         if force:
             return False
         raise UserError(f"{out_dir} holds a dataset this minigpt cannot read ({e}); pass --force to overwrite or --out DIR to write elsewhere") from None
-    diffs = [f"{k} {meta.get(k)!r} -> {v!r}" for k, v in request.items() if meta.get(k) != v]
+    current = {"kind": "tokens", **meta}  # token-stream datasets have no "kind": the format predates pairs
+    diffs = [f"{k} {current.get(k)!r} -> {v!r}" for k, v in {"kind": "tokens", **request}.items() if current.get(k) != v]
     if force:
         log(f"overwriting {out_dir} (--force)")
         return False
@@ -655,8 +731,7 @@ def _reusable(out_dir: Path, request: dict, force: bool, log: Log) -> bool:
             "pass --force to overwrite or --out DIR to write elsewhere"
         )
     try:
-        for split in SPLITS:
-            open_split(out_dir, split, meta)
+        verify(out_dir, meta)
     except UserError:
         log(f"{out_dir} is incomplete; writing it again")
         return False
@@ -674,16 +749,30 @@ def prepare(
     data_root: Path = DATA_ROOT,
     progress: bool = True,
     log: Log | None = None,
+    examples: int | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> Path:
     """Tokenize a corpus into <out>/{train.bin,val.bin,meta.json}; return the output folder.
 
+    A sequence-to-sequence source ('task:NAME', a .tsv file, a .jsonl file of source/target objects) goes to
+    pairs.prepare_pairs, which alone uses `examples` (task: only) and `seed` (shuffling and generation).
+
     source: 'shakespeare' (downloaded once to data/shakespeare/input.txt, or --input PATH), or a path to a
-    .txt file or a folder of .txt files. tokenizer: 'char', 'gpt2' or 'bpe' (vocab_size, default 1024, is
+    .txt file, a folder of .txt files, or a .jsonl file of {"text": ...} documents. tokenizer: 'char', 'gpt2' or 'bpe' (vocab_size, default 1024, is
     only for bpe; the bpe is trained on the train split only). out defaults to data/<source>_<tokenizer>.
     An existing output from the same corpus bytes and the same request is reused; a different one is refused
     unless force. log: where messages go (default: stderr); pass `lambda s: None` for silence.
     """
     log = log or _stderr
+    source = os.fspath(source)
+    if source.startswith("task:") or Path(source).suffix in (".tsv", ".jsonl"):
+        import pairs  # here: pairs imports this module, and a token-stream run never needs it
+
+        if pairs.is_pairs_source(source):
+            return pairs.prepare_pairs(source, tokenizer, vocab_size, out, input_path, val_fraction, force, data_root,
+                                       log, examples=examples, seed=seed)
+    if examples is not None:
+        raise UserError(EXAMPLES_ONLY_FOR_TASKS)
     t0 = time.perf_counter()
     kind, bpe_vocab_size = _check_request(tokenizer, vocab_size, val_fraction)
     src = read_source(source, input_path, data_root, log)
