@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 import train
+from batches import BatchSource, batch_source
+from encoder_decoder import build_model
 from model import GPT, GPTConfig, KVCache
 from prepare_data import UserError, read_meta
+from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
 from sample import decode_steps
 
 
-class RandomBatches(train.BatchSource):
+class RandomBatches(BatchSource):
     """Uniformly random tokens in place of a dataset, with the interface of train.Batches."""
 
     def __init__(self, batch_size: int, block_size: int, vocab_size: int, device: torch.device):
@@ -60,21 +63,21 @@ def sync(device: torch.device) -> None:
 def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
     """Time `steps` optimizer steps of the configured run after `warmup` untimed ones."""
     cfg, note = train.with_vocab(cfg)
-    rt = train.setup_runtime(cfg.run, cfg.model)
+    rt = setup_runtime(cfg.run, cfg.model)
     real_data = note is None
     torch.manual_seed(cfg.run.seed)
-    model = GPT(cfg.model).to(rt.device)
-    train.parallelize(model, cfg, rt)
+    model = build_model(cfg.model).to(rt.device)
+    parallelize(model, cfg, rt)
     optimizer = train.configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    step_model = train.wrap_for_training(model, cfg, rt)
+    step_model = wrap_for_training(model, cfg, rt)
     if real_data:
-        batches = train.Batches(cfg.data.dir, read_meta(cfg.data.dir), "train", cfg.train.batch_size, cfg.model,
-                                rt.device, cfg.run.seed)
+        batches = batch_source(cfg.data.dir, read_meta(cfg.data.dir), "train", cfg.train.batch_size, cfg.model,
+                               cfg.train.objective, rt.device, cfg.run.seed)
     else:
         batches = RandomBatches(cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size, rt.device)
     micro_steps = train.micro_steps_per_process(cfg, rt)
-    peak = train.device_peak_flops(rt)
+    peak = device_peak_flops(rt)
     model.train()
 
     def run(first: int, n: int) -> float:
@@ -103,7 +106,7 @@ def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
 
 
 @torch.no_grad()
-def bench_sample(model: GPT, rt: train.Runtime, batch: int = 1, prompt_len: int = 64, new_tokens: int = 200,
+def bench_sample(model: GPT, rt: Runtime, batch: int = 1, prompt_len: int = 64, new_tokens: int = 200,
                  repeats: int = 3, compile: bool = False) -> dict:
     """Prefill time for a random prompt, then decode throughput with and without the KV cache, through the
     same decode loop `minigpt sample` uses (top-k 200 sampling at temperature 1). `compile` compiles the cached

@@ -52,12 +52,18 @@ class GPTConfig:
     experts_per_token: int = 2  # top-k routing: each token is processed by its k best-scoring experts
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss (Switch Transformer) in the training loss
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    # the whole Transformer (Vaswani 2017): an encoder over a source, and this decoder cross-attending to it
+    arch: Literal["decoder", "encoder_decoder"] = "decoder"  # encoder_decoder: see encoder_decoder.py
+    n_encoder_layer: int = 0  # encoder blocks of an encoder-decoder; 0 = n_layer
+    source_block_size: int = 0  # longest source an encoder-decoder reads; 0 = block_size
+    scale_embeddings: bool = False  # token embeddings x √n_embd where positions are added (Vaswani 2017)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vocab_size", "n_kv_head", "attn_window", "mlp_hidden", "n_experts", "prefix_len"):
+        for name in ("vocab_size", "n_kv_head", "attn_window", "mlp_hidden", "n_experts", "prefix_len",
+                     "n_encoder_layer", "source_block_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -73,9 +79,19 @@ class GPTConfig:
             raise ValueError(f"rope rotates pairs of dimensions: the head size ({self.head_size}) must be even")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.attn_mask == "prefix" and not 0 < self.prefix_len < self.block_size:
-            raise ValueError(f"attn_mask = 'prefix' needs 0 < prefix_len < block_size ({self.block_size}), "
-                             f"got {self.prefix_len}")
+        if self.attn_mask == "prefix" and not self.prefix_len < self.block_size:
+            raise ValueError(f"attn_mask = 'prefix' needs prefix_len < block_size ({self.block_size}) (0: each "
+                             f"example's source, on a pairs dataset), got {self.prefix_len}")
+        if self.prefix_len and self.attn_mask != "prefix":
+            raise ValueError(f"prefix_len ({self.prefix_len}) only applies with attn_mask = 'prefix'")
+        if self.arch not in ("decoder", "encoder_decoder"):
+            raise ValueError(f"arch must be decoder or encoder_decoder, got {self.arch!r}")
+        if self.arch == "encoder_decoder" and self.attn_mask != "causal":
+            raise ValueError("an encoder-decoder's encoder is bidirectional and its decoder causal: leave attn_mask "
+                             f"at 'causal' (got {self.attn_mask!r})")
+        if self.arch == "decoder" and (self.n_encoder_layer or self.source_block_size):
+            raise ValueError("n_encoder_layer and source_block_size apply to arch = 'encoder_decoder' only; "
+                             "set model.arch=encoder_decoder or leave them at 0")
         if self.n_experts == 1 or (self.n_experts and not 1 <= self.experts_per_token <= self.n_experts):
             raise ValueError(f"n_experts must be 0 (dense) or >= 2 with 1 <= experts_per_token <= n_experts, "
                              f"got {self.n_experts} and {self.experts_per_token}")
@@ -89,6 +105,15 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layer or self.n_layer
+
+    @property
+    def source_size(self) -> int:
+        """The longest source an encoder-decoder reads."""
+        return self.source_block_size or self.block_size
 
     @property
     def window(self) -> int:
@@ -242,10 +267,12 @@ class Dropout(nn.Dropout):
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs for one forward call, built once per call by GPT.attention_inputs."""
+    """What every layer's attention needs for one forward call, built once per call by `attention_inputs`."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, hs/2) for the new positions
-    mask: torch.Tensor | None  # (T, S) bool, True = may attend; or (nh, T, S) float bias (ALiBi); None: see is_causal
+    # (T, S) bool, True = may attend; or (nh, T, S) float bias (ALiBi); (B, 1 or nh, T, S) where it differs per
+    # example (padding, each example's own prefix); None: see is_causal
+    mask: torch.Tensor | None
     is_causal: bool  # the plain lower triangle with T == S, which flash kernels handle without a mask
     slots: torch.Tensor | None = None  # (T,) the KV cache slots the new keys go to; the keys are then every slot
     block_mask: BlockMask | None = None  # the same sliding window as `mask`, as FlexAttention's blocks
@@ -269,10 +296,12 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
     mask = causal_mask(T, S, q.device) if inputs.is_causal else inputs.mask
     if mask is None:
         bias, beta = torch.zeros((), dtype=q.dtype, device=q.device), 0.0  # beta=0: the bias is not read
-    elif mask.dtype == torch.bool:
-        bias, beta = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf")), 1.0
-    else:  # ALiBi's (nh, T, S) bias, once per batch element
-        bias, beta = mask.to(q.dtype).expand(B, nh, T, S).reshape(B * nh, T, S), 1.0
+    else:
+        bias, beta = mask.to(q.dtype), 1.0
+        if mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        if bias.dim() > 2:  # ALiBi's (nh, T, S) or a per-example (B, ., T, S): one (T, S) bias per batch row
+            bias = bias.expand(B, nh, T, S).reshape(B * nh, T, S)
     # bias + q kᵀ / √hs in one batched matmul: the GEMM adds the mask and applies the scale as it writes the
     # scores, so neither costs a pass over the T x T scores (forward or backward)
     scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
@@ -281,6 +310,52 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
     # T x T scores (then cast back) cost half the attention's time in bfloat16 training on the CPU
     weights = F.softmax(scores, dim=-1).to(q.dtype)
     return dropout(weights, dropout_p, training) @ v, weights
+
+
+def attention_inputs(cfg: GPTConfig, qpos: torch.Tensor, kpos: torch.Tensor | None, prefix_len: int | torch.Tensor,
+                     alibi: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> AttentionInputs:
+    """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,): a KV cache's
+    slot positions (-1 for an empty slot), or None for the queries themselves (no cache; qpos = 0..T-1).
+
+    Without a cache the common cases are decided from the shapes alone and need no mask; with one the mask is
+    always built, from tensors only, so a decode step has the same graph at every position. A causal sliding
+    window on a GPU under torch.compile also comes as FlexAttention blocks (`attend` picks). Two things make the
+    mask differ per example, (B, 1 or nh, T, S): a prefix_len tensor (B,), each example's own prefix (a prefix-LM
+    on pairs), and key_mask (B, S), False on padding keys (an encoder's padded sources). `alibi`: the (nh,) slopes.
+    """
+    rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+    cached = kpos is not None
+    per_example = isinstance(prefix_len, torch.Tensor) or key_mask is not None
+    if not cached:
+        T = len(qpos)
+        # a prefix only adds keys for queries before its last token, which must have a later key to see
+        causal_like = cfg.attn_mask == "causal" or (cfg.attn_mask == "prefix" and not per_example
+                                                    and (T == 1 or prefix_len <= 1))
+        if cfg.pos_encoding != "alibi" and T <= cfg.window and not per_example:  # the window cuts nothing off
+            if cfg.attn_mask == "bidirectional":
+                return AttentionInputs(rope, None, False)  # every query sees every key
+            if causal_like:
+                return AttentionInputs(rope, None, True)  # the plain triangle: flash kernels, no mask
+        kpos = qpos
+    dist = qpos[:, None] - kpos[None, :]  # (T, S): how far back each key is from each query
+    if cfg.attn_mask == "prefix":  # the prefix sees all of itself; (T, S), or (B, T, S) for per-example prefixes
+        prefix = prefix_len[:, None, None] if isinstance(prefix_len, torch.Tensor) else prefix_len
+        allowed = (dist >= 0) | (kpos < prefix)
+    else:
+        allowed = dist >= 0 if cfg.attn_mask == "causal" else torch.ones_like(dist, dtype=torch.bool)
+    allowed = allowed & (dist.abs() < cfg.window) & (kpos >= 0)  # kpos -1: an empty cache slot
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]  # (B, T, S): no query reads a padding key
+    if allowed.dim() == 3:
+        allowed = allowed[:, None]  # (B, 1, T, S): the same for every head
+    if cfg.pos_encoding == "alibi":  # a linear penalty on distance, steeper for some heads than others
+        bias = -alibi[:, None, None] * dist.abs()  # (nh, T, S)
+        return AttentionInputs(rope, bias.masked_fill(~allowed, float("-inf")), False)
+    blocks = None
+    if not cached and not per_example and cfg.attn_mask == "causal" and flex_attention_applies(qpos.device):
+        # the flex path leaves the dense mask unread, so the compiled graph drops it
+        blocks = sliding_window_blocks(len(qpos), cfg.window, qpos.device)
+    return AttentionInputs(rope, allowed, False, block_mask=blocks)
 
 
 def sliding_window_blocks(T: int, window: int, device: torch.device) -> BlockMask:
@@ -302,6 +377,21 @@ def sdpa_is_slow(q: torch.Tensor, dropout_p: float) -> bool:
     CPU kernel with dropout (it falls back to the same math with torch's slower dropout), and its bfloat16
     flash backward ran ~5x slower than the batched matmuls (torch 2.13; see docs/benchmarks.md)."""
     return q.device.type == "cpu" and q.requires_grad and (dropout_p > 0.0 or q.dtype != torch.float32)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, dropout_p: float,
+           training: bool, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q (B, nh, T, hs) over k, v (B, kvh, S, hs) through the fastest path that applies: the output
+    (B, nh, T, hs), and the weights (B, nh, T, S) when the written-out path ran (always with `reference`)."""
+    nh, kvh = q.size(1), k.size(1)
+    if reference or sdpa_is_slow(q, dropout_p):
+        if kvh != nh:  # each kv head serves nh / kvh query heads
+            k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
+        return reference_attention(q, k, v, inputs, dropout_p, training)
+    if inputs.block_mask is not None and dropout_p == 0.0:  # flex_attention has no dropout
+        return flex_attention(q, k, v, block_mask=inputs.block_mask, enable_gqa=kvh != nh), None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout_p,
+                                          is_causal=inputs.is_causal, enable_gqa=kvh != nh), None
 
 
 class Attention(nn.Module):
@@ -330,17 +420,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *inputs.rope), apply_rope(k, *inputs.rope)
         if kv_cache is not None:
             k, v = kv_cache.write(layer, k, v, inputs.slots)  # (B, kvh, S, hs): S = every cache slot
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
-        if reference or sdpa_is_slow(q, dropout_p):
-            if kvh != nh:  # each kv head serves nh / kvh query heads
-                k, v = k.repeat_interleave(nh // kvh, dim=1), v.repeat_interleave(nh // kvh, dim=1)  # (B, nh, S, hs)
-            y, weights = reference_attention(q, k, v, inputs, dropout_p, self.training)
-        elif inputs.block_mask is not None and dropout_p == 0.0:  # flex_attention has no dropout
-            y = flex_attention(q, k, v, block_mask=inputs.block_mask, enable_gqa=kvh != nh)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout_p,
-                                               is_causal=inputs.is_causal, enable_gqa=kvh != nh)
+        y, weights = attend(q, k, v, inputs, self.dropout if self.training else 0.0, self.training, reference)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
 
@@ -400,6 +480,16 @@ def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim)
 
 
+def residual(x: torch.Tensor, norm: nn.Module, f, post: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sublayer with its residual connection: pre-norm x + f(norm(x)) (GPT-2), or post-norm norm(x + f(x))
+    (Vaswani 2017: the residual stream itself is normalised). f returns (output, attention weights or None)."""
+    if post:
+        out, weights = f(x)
+        return norm(x + out), weights
+    out, weights = f(norm(x))
+    return x + out, weights
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -411,13 +501,49 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None, layer: int = 0,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.post_norm:  # Vaswani 2017: x = norm(x + f(x)); the residual stream itself is normalised
-            a, weights = self.attn(x, inputs, kv_cache, layer, reference)
-            x = self.ln_1(x + a)
-            return self.ln_2(x + self.mlp(x)), weights
-        a, weights = self.attn(self.ln_1(x), inputs, kv_cache, layer, reference)  # pre-norm: x + f(norm(x))
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), weights
+        x, weights = residual(x, self.ln_1, lambda h: self.attn(h, inputs, kv_cache, layer, reference), self.post_norm)
+        x, _ = residual(x, self.ln_2, lambda h: (self.mlp(h), None), self.post_norm)
+        return x, weights
+
+
+def run_block(block: nn.Module, cfg: GPTConfig, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """block(x, *args), its activations recomputed in backward instead of kept when gradient checkpointing is on."""
+    if cfg.grad_checkpointing and block.training and torch.is_grad_enabled():
+        return checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
+
+
+def embed(cfg: GPTConfig, wte: nn.Embedding, wpe: nn.Embedding | None, idx: torch.Tensor,
+          positions: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) at positions (T,) -> (B, T, C): the token embedding (x √C with scale_embeddings, so that
+    it is not drowned by the position encoding added to it), plus the learned or sinusoidal positions."""
+    x = wte(idx)
+    if cfg.scale_embeddings:
+        x = x * math.sqrt(cfg.n_embd)
+    if wpe is not None:
+        return x + wpe(positions)
+    if cfg.pos_encoding == "sinusoidal":
+        return x + sinusoidal_encoding(positions, cfg.n_embd).to(x.dtype)
+    return x
+
+
+def training_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T) (-1: no target), plus the experts'
+    load-balancing loss when training with experts. With label smoothing ε, each target is (1 - ε) the true token
+    and ε spread evenly over the real vocabulary (Szegedy 2016; not over the padding rows, which are never drawn)."""
+    logits, targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+    if label_smoothing:
+        logp = F.log_softmax(logits, dim=-1)
+        real = model.config.vocab_size + (model.config.mask_token is not None)
+        nll = -logp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+        per_target = (1 - label_smoothing) * nll - label_smoothing * logp[:, :real].mean(dim=-1)
+        loss = per_target[targets >= 0].mean()
+    else:
+        loss = F.cross_entropy(logits, targets, ignore_index=-1)
+    if model.training and model.config.n_experts:  # evaluation reports the language-model loss alone
+        loss = loss + model.config.moe_aux_weight * model.aux_loss()
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,43 +601,12 @@ class GPT(nn.Module):
         keys = min(seq_len or cfg.block_size, cfg.window)
         return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * keys
 
-    def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor | None, prefix_len: int) -> AttentionInputs:
-        """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,): a KV cache's
-        slot positions (-1 for an empty slot), or None for the queries themselves (no cache; qpos = 0..T-1).
-        Without a cache the common cases are decided from the shapes alone and need no mask; with one the mask
-        is always built, from tensors only, so a decode step has the same graph at every position. A causal
-        sliding window on a GPU under torch.compile also comes as FlexAttention blocks (Attention picks)."""
-        cfg = self.config
-        rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
-        cached = kpos is not None
-        if not cached:
-            T = len(qpos)
-            # a prefix only adds keys for queries before its last token, which must have a later key to see
-            causal_like = cfg.attn_mask == "causal" or (cfg.attn_mask == "prefix" and (T == 1 or prefix_len <= 1))
-            if cfg.pos_encoding != "alibi" and T <= cfg.window:  # the window cuts nothing off
-                if cfg.attn_mask == "bidirectional":
-                    return AttentionInputs(rope, None, False)  # every query sees every key
-                if causal_like:
-                    return AttentionInputs(rope, None, True)  # the plain triangle: flash kernels, no mask
-            kpos = qpos
-        dist = qpos[:, None] - kpos[None, :]  # (T, S): how far back each key is from each query
-        allowed = {
-            "causal": dist >= 0,
-            "bidirectional": torch.ones_like(dist, dtype=torch.bool),
-            "prefix": (dist >= 0) | (kpos[None, :] < prefix_len),  # the prefix sees all of itself
-        }[cfg.attn_mask]
-        allowed = allowed & (dist.abs() < cfg.window) & (kpos[None, :] >= 0)  # kpos -1: an empty cache slot
-        if cfg.pos_encoding == "alibi":  # a linear penalty on distance, steeper for some heads than others
-            bias = -self.alibi_slopes[:, None, None] * dist.abs()  # (nh, T, S)
-            return AttentionInputs(rope, bias.masked_fill(~allowed, float("-inf")), False)
-        blocks = None
-        if not cached and cfg.attn_mask == "causal" and flex_attention_applies(qpos.device):
-            # the flex path leaves the dense mask unread, so the compiled graph drops it
-            blocks = sliding_window_blocks(len(qpos), cfg.window, qpos.device)
-        return AttentionInputs(rope, allowed, False, block_mask=blocks)
+    def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor | None,
+                         prefix_len: int | torch.Tensor) -> AttentionInputs:
+        return attention_inputs(self.config, qpos, kpos, prefix_len, getattr(self, "alibi_slopes", None))
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None, reference: bool = False,
-              prefix_len: int | None = None,
+              prefix_len: int | torch.Tensor | None = None,
               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Token ids (B, T) -> final hidden states (B, T, C), and attention weights if `reference`.
 
@@ -530,39 +625,30 @@ class GPT(nn.Module):
             slots = kv_cache.record(positions)  # before the mask, so that the new keys are among those it allows
             inputs = self.attention_inputs(positions, kv_cache.slot_pos, prefix_len)
             inputs.slots = slots
-        x = self.wte(idx)  # (B, T, C)
-        if cfg.pos_encoding == "learned":
-            x = x + self.wpe(positions)
-        elif cfg.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, cfg.n_embd).to(x.dtype)
-        x = self.drop(x)
+        x = self.drop(embed(cfg, self.wte, self.wpe, idx, positions))  # (B, T, C)
         maps = []
         for i, block in enumerate(self.blocks):
-            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, weights = checkpoint(block, x, inputs, None, i, reference, use_reentrant=False)
-            else:
-                x, weights = block(x, inputs, kv_cache, i, reference)
+            x, weights = run_block(block, cfg, x, inputs, kv_cache, i, reference)
             if reference:  # the weights of the CPU training path are not kept: T x T per layer
                 maps.append(weights)
         return self.ln_f(x), maps
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                reference: bool = False, prefix_len: int | None = None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                reference: bool = False, prefix_len: int | torch.Tensor | None = None,
+                positions: torch.Tensor | None = None,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for every position, and the mean cross-entropy when targets (B, T) are given
         (-1 marks positions without a target), plus the experts' load-balancing loss when training with experts.
 
         `reference=True` runs the explicit softmax attention instead of SDPA (slower; for tests and maps).
-        `prefix_len` overrides config.prefix_len for a prefix-LM (e.g. the prompt's length when sampling).
+        `prefix_len` overrides config.prefix_len for a prefix-LM (e.g. the prompt's length when sampling), or
+        gives each example its own, (B,). `label_smoothing` spreads that share of each target over the vocabulary.
         """
         x, _ = self.trunk(idx, kv_cache, reference, prefix_len, positions)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        if self.training and self.config.n_experts:  # evaluation reports the language-model loss alone
-            loss = loss + self.config.moe_aux_weight * self.aux_loss()
-        return logits, loss
+        return logits, training_loss(self, logits, targets, label_smoothing)
 
     def aux_loss(self) -> torch.Tensor:
         """The experts' load-balancing loss of the last forward, averaged over layers (0 without experts)."""

@@ -14,9 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_checkpoint
+from beam_search import beam_search
+from encoder_decoder import EncoderDecoder, build_model
 from model import GPT, GPTConfig, KVCache
+from pairs import SpecialTokens
 from prepare_data import Tokenizer, UserError, load_tokenizer
-from train import Runtime, RunConfig, cpu_has_bf16, load_checkpoint, resolve_device, setup_runtime
+from runtime import Runtime, cpu_has_bf16, resolve_device, setup_runtime
+from train import RunConfig
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,17 @@ class SampleConfig:
 
 @dataclass
 class LoadedRun:
-    model: GPT
+    model: GPT | EncoderDecoder
     tokenizer: Tokenizer
     rt: Runtime
     step: int
+    special: SpecialTokens | None = None  # a run trained on pairs (or span corruption) decodes targets with these
+    allowed: torch.Tensor | None = None  # (V,) bool: the ids such a target may hold
+
+    @property
+    def pairs(self) -> bool:
+        """Whether `sample` gives it a source and prints the target (else it continues a prompt)."""
+        return self.special is not None
 
 
 # Decoding reads every weight once per token. Once the weights outgrow the CPU's caches, bfloat16 weights (half the
@@ -85,12 +97,22 @@ def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: 
         raise UserError(f"{path} has model settings this version of minigpt does not know ({', '.join(unknown)}); "
                         "sample it with the version that trained it")
     try:
-        model = GPT(GPTConfig(**saved))
+        model = build_model(GPTConfig(**saved))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} holds a model config this version cannot build ({e})") from None
     model.load_state_dict(state["model"])
     rt = inference_runtime(model.eval(), device)
-    return LoadedRun(model, load_tokenizer(state["tokenizer"]), rt, state["step"])
+    tokenizer = load_tokenizer(state["tokenizer"])
+    data = state.get("data") or {}
+    special = SpecialTokens.from_dict(data["special_tokens"]) if data.get("special_tokens") else None
+    allowed = None
+    if special is not None:  # the tokenizer's ids and the end token; the sentinels for span corruption
+        allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=rt.device)
+        allowed[:tokenizer.vocab_size] = True
+        allowed[special.eos] = True
+        if data.get("kind") != "pairs":
+            allowed[list(special.sentinels)] = True
+    return LoadedRun(model, tokenizer, rt, state["step"], special, allowed)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
@@ -271,6 +293,135 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
     write("\n")
     return texts
 
+
+# ----------------------------------------------------------------------------------------------------
+# Pairs: the target for a source, from a model trained on (source, target) pairs, or on T5's span corruption
+
+
+class PairDecoder:
+    """Decodes targets for one source, `rows` at a time (samples or beams): a `beam_search.Decoder`.
+
+    An encoder-decoder encodes the source once and keeps every layer's cross-attention keys and values, expanded
+    once to the rows; its decoder starts from the start token. A decoder-only model prefills `source <sep>` (a
+    prefix-LM's prefix). Self-attention then goes through a KV cache, whose rows are reordered when beams are;
+    without the cache every step recomputes the whole target so far (the reference the cache is tested against).
+    Only the tokenizer's tokens and the end token can be chosen (span corruption's sentinels too, for a model
+    trained on it)."""
+
+    def __init__(self, model: GPT | EncoderDecoder, source: list[int], special: SpecialTokens, allowed: torch.Tensor,
+                 rt: Runtime | None = None, kv_cache: bool = True):
+        self.model, self.special, self.kv_cache = model, special, kv_cache
+        self.allowed = allowed  # (V,) bool over the ids a target may hold
+        self.device = next(model.parameters()).device
+        self.dtype = rt.dtype if rt is not None else next(model.parameters()).dtype
+        self.autocast = rt.autocast() if rt is not None else torch.autocast("cpu", enabled=False)
+        self.encoder_decoder = model.config.arch == "encoder_decoder"
+        self.source = torch.tensor([source], dtype=torch.long, device=self.device)  # (1, S)
+        self.prompt = [special.bos] if self.encoder_decoder else [*source, special.sep]
+        self.cache: KVCache | None = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens that fit in the decoder's context after the prompt (the last one is predicted, never read)."""
+        return self.model.config.block_size - len(self.prompt) + 1
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            if self.encoder_decoder:
+                out = self.model.decode(tokens, self.cross, self.cache)[0]
+            else:  # the prompt is a prefix-LM's prefix
+                out = self.model(tokens, kv_cache=self.cache, prefix_len=len(self.prompt))[0]
+        out = out[:, -1, :len(self.allowed)].float()
+        return out.masked_fill(~self.allowed, float("-inf"))
+
+    def start(self, rows: int) -> torch.Tensor:
+        self.tokens = torch.tensor([self.prompt], dtype=torch.long, device=self.device).expand(rows, -1)
+        if self.encoder_decoder:
+            with self.autocast:
+                self.cross = self.model.cross_cache(self.model.encode(self.source)).expand(rows)
+        if self.kv_cache:
+            self.cache = KVCache(self.model.config, rows, device=self.device, dtype=self.dtype)
+        return self.logits(self.tokens)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        return self.logits(tokens if self.cache is not None else self.tokens)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, rows)
+        if self.cache is not None:  # only the self-attention cache: every row reads the same source
+            self.cache.k = self.cache.k.index_select(1, rows)
+            self.cache.v = self.cache.v.index_select(1, rows)
+
+
+def sample_rows(decoder: PairDecoder, rows: int, max_new_tokens: int, eos: int, temperature: float, top_k: int = 0,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """`rows` targets decoded side by side (greedy at temperature 0), each up to its end token (left out)."""
+    logits = decoder.start(rows)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for i in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (rows, 1)
+        for r, t in enumerate(token[:, 0].tolist()):  # one host sync per token
+            done[r] = done[r] or t == eos
+            if not done[r]:
+                out[r].append(t)
+        if all(done) or i == max_new_tokens - 1:
+            return out
+        logits = decoder.step(token)
+    return out
+
+
+def target_ids(run: LoadedRun, source: list[int], sc: SampleConfig, num_samples: int = 1, beams: int = 0,
+               length_penalty: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Targets for a source's ids: num_samples sampled (greedy at temperature 0) or, with beams >= 2, the
+    num_samples best of a beam search. Beam search with one beam is greedy decoding (as in Hugging Face)."""
+    special = run.special
+    decoder = PairDecoder(run.model, source, special, run.allowed, run.rt, kv_cache=sc.kv_cache)
+    max_new = min(sc.max_new_tokens, decoder.max_new_tokens)
+    if max_new < 1:
+        raise UserError(f"a source of {len(source)} tokens leaves no room for a target in the model's context "
+                        f"(block_size {run.model.config.block_size}); shorten it")
+    if beams >= 2:
+        return [h.tokens for h in beam_search(decoder, beams, max_new, special.eos, length_penalty)[:num_samples]]
+    temperature = 0.0 if beams == 1 else sc.temperature
+    return sample_rows(decoder, num_samples, max_new, special.eos, temperature, sc.top_k, sc.top_p, generator)
+
+
+def decode_target(run: LoadedRun, ids: list[int]) -> str:
+    """A target's text; span corruption's sentinels written as T5 writes them, <extra_id_N>."""
+    special, text, run_ids = run.special, [], []
+    for t in ids:
+        if t < run.tokenizer.vocab_size:
+            run_ids.append(t)
+            continue
+        text.append(run.tokenizer.decode(run_ids))
+        run_ids = []
+        text.append(f"<extra_id_{special.sentinels.index(t)}>" if t in special.sentinels else "")
+    return "".join(text) + run.tokenizer.decode(run_ids)
+
+
+def check_source(run: LoadedRun, source: list[int]) -> None:
+    cfg = run.model.config
+    limit, option = ((cfg.source_size, "source_block_size") if cfg.arch == "encoder_decoder"
+                     else (cfg.block_size - 1, "block_size"))
+    if len(source) > limit:
+        raise UserError(f"the source is {len(source)} tokens, longer than the model reads ({limit}, model.{option}); "
+                        "shorten it")
+    if not source:
+        raise UserError("the source is empty: pass --prompt SOURCE")
+
+
+def sample_targets(run: LoadedRun, source: str, num_samples: int, sc: SampleConfig, beams: int = 0,
+                   length_penalty: float = 1.0, write: Callable[[str], None] = print) -> list[str]:
+    """The decoded targets for a source, one line each (`sample` on a run trained on pairs)."""
+    ids = run.tokenizer.encode(source)
+    check_source(run, ids)
+    generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
+    texts = [decode_target(run, t) for t in target_ids(run, ids, sc, num_samples, beams, length_penalty, generator)]
+    for text in texts:
+        write(text + "\n")
+    return texts
 
 if __name__ == "__main__":
     import sys

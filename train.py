@@ -1,5 +1,6 @@
-"""Training, top to bottom: config sections, runtime setup, batches, the lr schedule, the optimizer,
-checkpoints, logging, `train_step` and `train`.
+"""Training, top to bottom: config sections, batches, the lr schedule, the optimizer, logging, `train_step`,
+`evaluate` and `train`. What the run needs from the machine (device, dtype, processes) is in runtime.py; the
+run folder's files (checkpoints, the lock) are in checkpoint.py.
 
 The walk from the command line: `minigpt train CONFIG` -> cli/main.py `train()` builds a `Config`
 -> `train(cfg)` below -> `train_step()` -> `loss.backward()`.
@@ -7,34 +8,31 @@ The walk from the command line: `minigpt train CONFIG` -> cli/main.py `train()` 
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
-import functools
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import time
-import zipfile
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from model import GPT, GPTConfig
-from prepare_data import UserError, atomic_write, check_token_ids, open_split, read_meta
+from batches import BatchSource, batch_source, derived_seed, positions_per_example
+from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_last_checkpoints, run_lock,
+                        save_checkpoint, tidy_run_dir)
+from encoder_decoder import build_model, model_flops_per_token
+from model import GPTConfig
+from pairs import N_SPECIAL, is_pairs, special_tokens
+from prepare_data import UserError, check_token_ids, read_meta
+from runtime import (Runtime, device_peak_flops, gradient_sync, parallelize, setup_runtime, valid_device,
+                     wrap_for_training)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,6 +54,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_iters: int = 100  # linear warmup from ~0 to lr over this many steps
     lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at train.max_iters
+    # after warmup: cosine to min_lr, or Vaswani 2017's lr · √(warmup / step) (floored at min_lr), with no end
+    schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
 
     def __post_init__(self) -> None:
         if not 0 < self.lr <= 1:  # also catches NaN; AdamW moves each weight by about lr per step
@@ -82,16 +82,17 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate, checkpoint and maybe replace best.pt every this many steps
     eval_iters: int = 200  # batches averaged per split for an evaluation: enough to see 0.01 differences
     max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
+    # lm: the data's own task (the next token; on pairs, the target); span_corruption: T5's denoising of a token
+    # stream, to pre-train an encoder-decoder
+    objective: Literal["lm", "span_corruption"] = "lm"
+    label_smoothing: float = 0.0  # this share of each target spread over the vocabulary (Vaswani 2017: 0.1)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def valid_device(name: str) -> bool:
-    kind, _, index = name.partition(":")
-    return name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()))
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -139,162 +140,10 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Runtime: device, autocast dtype, and the process group when torchrun started several processes.
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
-    rank: int = 0  # this process, of world_size started by torchrun
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:  # only the first process logs and writes files
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over all processes (t itself with one)."""
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def any(self, flag: bool) -> bool:
-        """Whether the flag is set in any process (so that all of them act alike)."""
-        if self.world_size == 1:
-            return flag
-        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item())
-
-
-def resolve_device(name: str) -> torch.device:
-    if not valid_device(name):
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use cpu (or auto) instead")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for, but MPS is not available; use cpu (or auto) instead")
-    return device
-
-
-# On a CPU with native bfloat16, autocast trained the 384-wide baby GPT 1.8x faster and nanoGPT's 128-wide CPU
-# model 1.3-1.45x faster (same val loss), but narrower models slower: their casts cost more than the matmuls save.
-CPU_BF16_MIN_WIDTH = 128
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX): then autocast to it pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-@functools.lru_cache(maxsize=None)
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep large freed blocks for reuse instead of returning them to the kernel.
-
-    By default every block over 32 MB is mmap'd and unmapped again when freed, so each CPU training step
-    page-faults its activations back in, zeroed: ~1M faults and a third of a baby-GPT step on a 2-core CPU.
-    With these thresholds the process keeps its peak memory (as CUDA's caching allocator does) and reuses it.
-    Returns whether the allocator took the settings (False off glibc, e.g. macOS or musl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def setup_runtime(run: RunConfig, model: GPTConfig | None = None) -> Runtime:
-    """The device and dtype (for `model`, when given); under torchrun (WORLD_SIZE > 1) also the process group:
-    NCCL between GPUs, gloo between CPU processes, one GPU per process (LOCAL_RANK)."""
-    device = resolve_device(run.device)
-    rank, world_size = 0, int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=10))
-        rank = dist.get_rank()
-    if run.dtype == "auto":
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif device.type == "cpu" and cpu_has_bf16() and model is not None and model.n_embd >= CPU_BF16_MIN_WIDTH:
-            dtype = torch.bfloat16
-        else:
-            dtype = torch.float32
-    else:
-        dtype = DTYPES[run.dtype]
-    if device.type == "cpu":
-        keep_freed_memory()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores: ~8x, 1e-3 relative error
-        torch.backends.cudnn.allow_tf32 = True
-    return Runtime(device, dtype, rank, world_size)
-
-
-def parallelize(model: GPT, cfg: Config, rt: Runtime) -> torch.nn.Module:
-    """Under torchrun, shard the model in place with FSDP2 (each block, then the root) before the optimizer
-    sees its parameters; DDP instead wraps it after (see `wrap_for_training`). The raw module stays the
-    one whose weights are saved."""
-    if rt.world_size > 1 and cfg.run.distributed == "fsdp":
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-    return model
-
-
-def wrap_for_training(model: GPT, cfg: Config, rt: Runtime) -> torch.nn.Module:
-    if rt.world_size > 1 and cfg.run.distributed == "ddp":
-        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return torch.compile(model) if cfg.run.compile else model
-
-
-@contextmanager
-def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """Under DDP or FSDP, skip the gradient all-reduce for micro-steps whose gradients only accumulate: it must be
-    off before their forward pass, and on again for the last micro-step."""
-    model = getattr(model, "_orig_mod", model)  # under torch.compile
-    if enabled or not isinstance(model, (DDP, FSDPModule)):
-        yield
-    elif isinstance(model, DDP):
-        with model.no_sync():
-            yield
-    else:
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Randomness as a function of the step: micro-batch i of step s is drawn from a generator seeded with (seed, s, i)
-# alone, and process r's dropout masks in step s from (seed, s, r), so a resumed run, or one spread over any number
-# of processes, sees exactly the same data, and continues every process's dropout stream: no generator state is
-# saved.
-
-
-def derived_seed(*keys: int) -> int:
-    """A 64-bit seed mixed from the keys: neighbouring keys give unrelated streams."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+# alone (batches.py), and process r's dropout masks in step s from (seed, s, r), so a resumed run, or one spread over
+# any number of processes, sees exactly the same data, and continues every process's dropout stream: no generator
+# state is saved.
 
 
 def seed_step(seed: int, step: int, rank: int, device: torch.device) -> None:
@@ -306,76 +155,18 @@ def seed_step(seed: int, step: int, rank: int, device: torch.device) -> None:
         torch.manual_seed(s)
 
 
-MLM_MASK_RATE = 0.15  # BERT's share of hidden tokens for a bidirectional model
-
-
-class BatchSource:
-    """Micro-batches as a pure function of (step, micro-step), one of them built ahead of time."""
-
-    ready: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def prefetch(self, step: int, micro: int = 0) -> None:
-        """Build that batch now and start its copy to the device, for the `get` that asks for it next: called
-        while the GPU still computes the current step, so the host's work and the copy overlap with it."""
-        self.ready = ((step, micro), self.make(step, micro))
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y (B, T) int64 for micro-batch `micro` of step `step`, y shifted by one; on the device."""
-        ready, self.ready = self.ready, None
-        if ready is not None and ready[0] == (step, micro):
-            return ready[1]
-        return self.make(step, micro)
-
-
-class Batches(BatchSource):
-    def __init__(self, data_dir: str | Path, meta: dict, split: str, batch_size: int, model: GPTConfig,
-                 device: torch.device, seed: int):
-        self.data_dir, self.meta, self.split = Path(data_dir), meta, split
-        self.batch_size, self.model, self.device, self.seed = batch_size, model, device, seed
-        self.block_size = block_size = model.block_size
-        self.n_tokens = meta[f"{split}_tokens"]
-        if self.n_tokens <= block_size:
-            raise UserError(
-                f"{split} split of {data_dir} has {self.n_tokens} tokens, fewer than block_size + 1 "
-                f"({block_size + 1}); use a smaller model.block_size or more data"
-            )
-
-    def make(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, step, micro))
-        data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
-        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=generator)
-        windows = np.stack([data[i:i + self.block_size + 1] for i in starts.tolist()]).astype(np.int64)
-        xy = torch.from_numpy(windows)  # (B, T + 1)
-        x, y = self.objective(xy[:, :-1], xy[:, 1:], generator)
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
-
-    def objective(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (-1 = no target) for the model's attention mask. Causal: the next token.
-        Prefix-LM: no targets inside the prefix, where each token sees the one it would predict. Bidirectional:
-        every token sees every other, so predict hidden ones instead (BERT's masked LM; always [MASK], no 80/10/10)."""
-        if self.model.attn_mask == "prefix":
-            return x, y.index_fill(1, torch.arange(self.model.prefix_len - 1), -1)
-        if self.model.attn_mask == "bidirectional":
-            hidden = torch.rand(x.shape, generator=generator) < MLM_MASK_RATE
-            hidden[:, 0] |= ~hidden.any(dim=1)  # at least one target per row
-            return x.masked_fill(hidden, self.model.mask_token), x.masked_fill(~hidden, -1)
-        return x, y
-
-
 # ----------------------------------------------------------------------------------------------------
 # Learning rate: a pure function of the step, so a resumed run follows the same curve.
 
 
 def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
-    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at lr_decay_iters, then flat."""
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at lr_decay_iters, then flat; or with the
+    inverse_sqrt schedule, lr · √(warmup / step) after warmup (Vaswani 2017), never below min_lr."""
     decay_iters = optim.lr_decay_iters or max_iters
     if step < optim.warmup_iters:
         return optim.lr * (step + 1) / (optim.warmup_iters + 1)
+    if optim.schedule == "inverse_sqrt":  # equal to lr at the end of warmup, then 1/√step
+        return max(optim.min_lr, optim.lr * math.sqrt((optim.warmup_iters + 1) / (step + 1)))
     if step >= decay_iters:
         return optim.min_lr
     progress = (step - optim.warmup_iters) / (decay_iters - optim.warmup_iters)
@@ -391,141 +182,6 @@ def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torc
     ]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              fused=device.type in ("cuda", "cpu"))  # fused: one kernel for all parameters
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically (a temporary file, fsynced, renamed), so a crash never leaves a broken one;
-# checked against the CRC-32 of every record on load (torch.load alone reads flipped bits without a word), and
-# loaded with weights_only=True, so a crafted file cannot run code. Weights and optimizer state are stored
-# whole (gathered from every process under FSDP), so a run resumes on any number of processes.
-
-CHECKPOINT_VERSION = 2
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    with open(src, "rb") as source:
-        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train one first with `minigpt train CONFIG`")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # reads every record and checks its CRC-32
-        if damaged is not None:
-            raise ValueError(f"record {damaged} fails its CRC check")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, flipped bits, or a pickle that weights_only refuses
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or not a minigpt checkpoint ({reason[:200]}); "
-                        "use another checkpoint (e.g. best.pt) or train again") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state \
-            or not isinstance(state.get("config"), dict):
-        raise UserError(f"{path} is not a minigpt checkpoint (version {CHECKPOINT_VERSION}); train again")
-    return state
-
-
-def keep_last_checkpoints(out_dir: Path, step: int, keep_last: int) -> None:
-    """Copy ckpt.pt to step-NNNNNNN.pt and delete all but the newest keep_last of those."""
-    if keep_last == 0:
-        return
-    copy_checkpoint(out_dir / "ckpt.pt", out_dir / f"step-{step:07d}.pt")
-    for old in sorted(out_dir.glob("step-*.pt"))[:-keep_last]:
-        old.unlink()
-
-
-@contextmanager
-def run_lock(out_dir: Path):
-    """One training process per run folder. An flock on out_dir/lock, which holds the owner's pid: the kernel
-    releases it when its process dies, however it dies, so a lock left by a killed run is simply taken over."""
-    with open(out_dir / "lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise UserError(f"{out_dir} is in use by another training process (pid {f.read().strip() or '?'}); "
-                            "wait for it to finish, or stop it first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def tidy_run_dir(out_dir: Path, step: int) -> None:
-    """Before a run continues in out_dir: remove temporary files of saves that a crash interrupted, and the
-    metrics past the checkpoint's step (those steps are about to be trained again)."""
-    for tmp in out_dir.glob(".*.tmp"):
-        tmp.unlink()
-    metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
-        kept = []
-        for line in metrics.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
-                pass
-        atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Throughput: model FLOPs utilisation against the device's peak.
-
-# Dense peak FLOP/s per GPU, (16-bit, float32 with TF32), from the vendors' data sheets.
-GPU_PEAK_FLOPS = {
-    "H200": (989e12, 494e12), "H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12),
-    "A100": (312e12, 156e12), "A10G": (70e12, 35e12), "A10": (125e12, 62.5e12), "L40S": (362e12, 183e12),
-    "L4": (121e12, 60e12), "4090": (165e12, 82.6e12), "3090": (71e12, 35.6e12), "V100": (125e12, 15.7e12),
-    "T4": (65e12, 8.1e12),
-}
-
-
-def device_peak_flops(rt: Runtime) -> float | None:
-    """The device's peak FLOP/s in the run's dtype: from the table on GPUs, measured on a CPU."""
-    if rt.device.type == "cuda":
-        name = torch.cuda.get_device_name(rt.device)
-        for key, (half, single) in GPU_PEAK_FLOPS.items():  # longest names first where they share a prefix
-            if key in name:
-                return single if rt.dtype == torch.float32 else half
-        return None
-    if rt.device.type == "cpu":
-        return cpu_matmul_flops(rt.dtype, torch.get_num_threads())
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_matmul_flops(dtype: torch.dtype, threads: int) -> float:
-    """The best of a few large square matmuls: what this CPU's cores sustain in this dtype (bfloat16 runs on
-    the AVX-512 BF16 / AMX units where the CPU has them). Measured once per process, in well under a second:
-    the size doubles up to 2048 only while a matmul takes under 50 ms (float16 is emulated, and slow)."""
-    g = torch.Generator().manual_seed(0)  # a private generator: the run's random stream stays untouched
-    n = 128
-    while True:
-        n *= 2
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        a @ b  # warm up the kernel and thread pool
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        if n >= 2048 or best > 0.05:
-            return 2 * n**3 / best
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -595,28 +251,40 @@ def stop_on_signals():
 # One optimizer step, and evaluation.
 
 
+def forward(model: torch.nn.Module, x: torch.Tensor | dict, y: torch.Tensor,
+            label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of a batch: x is a token stream's ids, or the keyword inputs of pairs (batches.py)."""
+    if isinstance(x, dict):
+        return model(**x, targets=y, label_smoothing=label_smoothing)
+    return model(x, y, label_smoothing=label_smoothing)
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: Batches, step: int, rt: Runtime, lr: float, micro_steps: int,
-               grad_clip: float) -> tuple[torch.Tensor, bool]:
+               batches: BatchSource, step: int, rt: Runtime, lr: float, micro_steps: int,
+               grad_clip: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step over this process's `micro_steps` micro-batches of step `step`.
 
     Gradients accumulate locally and are synchronised across processes on the last micro-step only; they are
-    clipped after that reduction. Returns the loss averaged over all processes, and whether the step was skipped
-    because the loss or the gradient norm was not finite (every process decides alike: the gradients and the
-    averaged loss are the same everywhere)."""
+    clipped after that reduction. Returns the loss and the plain cross-entropy (the loss without label smoothing
+    or the experts' balance), averaged over all processes, and whether the step was skipped because the loss or
+    the gradient norm was not finite (every process decides alike: the gradients and the averaged loss are the
+    same everywhere)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    total = torch.zeros((), device=rt.device)
+    total = torch.zeros(2, device=rt.device)  # loss, nll
     first = rt.rank * micro_steps  # this process's share of the step's micro-batches
     for i in range(micro_steps):
         x, y = batches.get(step, first + i)
         with gradient_sync(model, enabled=i == micro_steps - 1), rt.autocast():
-            _, loss = model(x, y)
+            logits, loss = forward(model, x, y, label_smoothing)
             scaler.scale(loss / micro_steps).backward()  # the mean over micro-batches, not the sum
-        total += loss.detach()
+        with torch.no_grad():
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1) if label_smoothing \
+                else loss
+        total += torch.stack([loss.detach(), nll.detach()]).float()
         # the next micro-batch (or the next step's first), built while the device computes this one
         batches.prefetch(*((step, first + i + 1) if i + 1 < micro_steps else (step + 1, first)))
-    loss = rt.sum(total) / (micro_steps * rt.world_size)
+    loss, nll = rt.sum(total) / (micro_steps * rt.world_size)
     scaler.unscale_(optimizer)  # check and clip the true gradients, not the float16-scaled ones
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # float16's scaler skips overflowing steps by itself (and lowers its scale); only a bad loss counts there
@@ -624,28 +292,29 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     bad = not bool(torch.isfinite(checks).all())  # one host sync per step
     if bad and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)  # skip: the weights stay as they were
-        return loss, True
+        return loss, nll, True
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, bad
+    return loss, nll, bad
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: Config, meta: dict, rt: Runtime) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split, shared out among the processes. The batches come from a
-    fixed seed, so every evaluation of a run (and of runs with the same seed) sees the same windows."""
+    """Mean plain cross-entropy (no label smoothing) over eval_iters batches per split, shared out among the
+    processes. The batches come from a fixed seed, so every evaluation of a run (and of runs with the same seed)
+    sees the same windows."""
     model.eval()
     losses = {}
     for i, split in enumerate(("train", "val")):
-        batches = Batches(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model, rt.device,
-                          seed=cfg.run.seed + 1 + i)
+        batches = batch_source(cfg.data.dir, meta, split, cfg.train.batch_size, cfg.model, cfg.train.objective,
+                               rt.device, seed=cfg.run.seed + 1 + i)
         total = torch.zeros((), device=rt.device)
         rounds = -(-cfg.train.eval_iters // rt.world_size)  # every process runs as many forward passes:
         for j in range(rt.rank, rounds * rt.world_size, rt.world_size):  # FSDP gathers weights collectively
             x, y = batches.get(min(j, cfg.train.eval_iters - 1))
             with rt.autocast():
-                loss = model(x, y)[1].float()
+                loss = forward(model, x, y)[1].float()
             if j < cfg.train.eval_iters:  # a padding pass counts for nothing
                 total += loss
         losses[split] = (rt.sum(total) / cfg.train.eval_iters).item()
@@ -667,16 +336,28 @@ class TrainResult:
 
 
 def resolve_vocab(cfg: Config, meta: dict, data_dir: str) -> Config:
-    """Fill model.vocab_size from the data, or check that a given one agrees with it."""
+    """Fill model.vocab_size from the data, or check that a given one agrees with it. Span corruption adds the
+    special ids (the sentinels, the end) past a token stream's vocabulary, as a pairs dataset has them already."""
+    vocab = meta["vocab_size"] + (N_SPECIAL if cfg.train.objective == "span_corruption" and not is_pairs(meta) else 0)
     if cfg.model.vocab_size == 0:
-        return replace(cfg, model=replace(cfg.model, vocab_size=meta["vocab_size"]))
-    if cfg.model.vocab_size != meta["vocab_size"]:
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size != vocab:
         raise UserError(
             f"model.vocab_size ({cfg.model.vocab_size}) disagrees with {data_dir}/meta.json "
-            f"({meta['vocab_size']}); the data was prepared with another tokenizer: point data.dir at the right "
+            f"({vocab}); the data was prepared with another tokenizer: point data.dir at the right "
             "folder or prepare it again"
         )
     return cfg
+
+
+def data_info(cfg: Config, meta: dict) -> dict:
+    """What sampling needs to know of the data a run trained on (kept in its checkpoints): a pairs run decodes a
+    target for a source with these special ids, as does an encoder-decoder pre-trained with span corruption."""
+    if is_pairs(meta):
+        return {"kind": "pairs", "special_tokens": meta["special_tokens"], "task": meta.get("task")}
+    if cfg.train.objective == "span_corruption":
+        return {"kind": "tokens", "special_tokens": special_tokens(meta["vocab_size"]).to_dict(), "task": None}
+    return {"kind": "tokens", "special_tokens": None, "task": None}
 
 
 def with_vocab(cfg: Config) -> tuple[Config, str | None]:
@@ -730,20 +411,6 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
             dist.destroy_process_group()
 
 
-def end_torchrun_worker() -> NoReturn:
-    """Exit a torchrun worker whose run has finished, skipping the interpreter's finalization.
-
-    FSDP's process group outlives destroy_process_group (torch's DTensor sharding cache keeps its device mesh),
-    so gloo's worker threads live on, and one may still be releasing a finished collective whose tensors are
-    Python objects. Once the interpreter is finalizing, that thread cannot take the GIL and aborts the process
-    ("terminate called without an active exception", SIGABRT): a finished run would end as a failed torchrun
-    job, now and then, more often on a loaded machine. Everything the run writes is closed by now.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
     meta = read_meta(cfg.data.dir)
     cfg = resolve_vocab(cfg, meta, cfg.data.dir)
@@ -755,13 +422,14 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         raise UserError(f"the checkpoint's tokenizer differs from the one in {cfg.data.dir}/meta.json; "
                         "resume with the data the run was trained on (--set data.dir=...)")
     micro_steps = micro_steps_per_process(cfg, rt)
-    batches = Batches(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, rt.device, seed=cfg.run.seed)
-    Batches(cfg.data.dir, meta, "val", 1, cfg.model, rt.device, seed=0)  # val is long enough too
+    batches = batch_source(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, cfg.train.objective,
+                           rt.device, seed=cfg.run.seed)
+    batch_source(cfg.data.dir, meta, "val", 1, cfg.model, cfg.train.objective, rt.device, seed=0)  # val fits too
     for split in ("train", "val"):
         check_token_ids(cfg.data.dir, split, meta)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
-    model = GPT(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
+    model = build_model(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
     check_memory(cfg, rt, model.num_params(non_embedding=False))
     parallelize(model, cfg, rt)
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
@@ -780,8 +448,10 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
     step_model = wrap_for_training(model, cfg, rt)
 
-    tokens_per_step = cfg.tokens_per_step
-    flops_per_step = model.flops_per_token(cfg.model.block_size) * tokens_per_step
+    # a token stream fills block_size; pairs count the positions their examples take on average
+    seq_len, source_len = positions_per_example(meta, cfg.model, cfg.train.objective)
+    tokens_per_step = round(cfg.tokens_per_step * seq_len / cfg.model.block_size)
+    flops_per_step = model_flops_per_token(model, seq_len, source_len) * tokens_per_step
     peak = device_peak_flops(rt)
     peak = peak * rt.world_size if peak else None
     if rt.is_main:
@@ -804,7 +474,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
-            "tokenizer": meta["tokenizer"],
+            "tokenizer": meta["tokenizer"], "data": data_info(cfg, meta),
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
         }
 
@@ -842,8 +512,8 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         while step < cfg.train.max_iters:
             lr = lr_at(step, cfg.optim, cfg.train.max_iters)
             seed_step(cfg.run.seed, step, rt.rank, rt.device)  # each process its own dropout masks, the same after a resume
-            loss, bad = train_step(step_model, optimizer, scaler, batches, step, rt, lr, micro_steps,
-                                   cfg.optim.grad_clip)
+            loss, nll, bad = train_step(step_model, optimizer, scaler, batches, step, rt, lr, micro_steps,
+                                        cfg.optim.grad_clip, cfg.train.label_smoothing)
             step += 1  # a skipped step still uses up its batches and its place in the schedule
             tokens_seen += tokens_per_step
             window_steps += 1
@@ -872,7 +542,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                           f"{tok_s:,.0f} tok/s | " + (f"mfu {100 * mfu:.1f}% | " if mfu else "") + f"eta {eta}",
                           flush=True)
                     extra = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
-                    logger.record(step, loss=loss_value, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                    logger.record(step, loss=loss_value, nll=nll.item(), lr=lr, tokens_per_s=tok_s, mfu=mfu,
                                   tokens_seen=tokens_seen, skipped_steps=skipped, **extra)
                 window_start, window_steps = time.perf_counter(), 0
             if rt.any(stop.requested is not None):  # every process stops at the same step

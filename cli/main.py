@@ -61,28 +61,39 @@ def config_from(path: Path, overrides: list[str]):
     from cli.config_loader import build_config, load_config
 
     import train as trainer
+    from checkpoint import load_checkpoint
 
     if path.is_dir() or path.suffix == ".pt":
-        checkpoint = trainer.load_checkpoint(path)
+        checkpoint = load_checkpoint(path)
         return build_config(trainer.Config, checkpoint["config"], overrides), checkpoint
     return load_config(trainer.Config, path, overrides), None
 
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., help="'shakespeare', or a path to a .txt file or a folder of .txt files"),
+    source: str = typer.Argument(..., help="text: 'shakespeare', a .txt file, a folder of .txt files, or a .jsonl of "
+                                 "{\"text\": ...} lines; source/target pairs: 'task:NAME' (copy, reverse, sort, add, "
+                                 "speaker, modernize), a .tsv of source<TAB>target lines, or a .jsonl of "
+                                 "{\"source\": ..., \"target\": ...} lines"),
     tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus)"),
     vocab_size: Optional[int] = typer.Option(None, help="vocabulary size for --tokenizer bpe"),
-    out: Optional[Path] = typer.Option(None, help="output folder [default: data/<source>_<tokenizer>]"),
-    input: Optional[Path] = typer.Option(None, "--input", help="a local copy of the 'shakespeare' corpus"),
-    val_fraction: float = typer.Option(0.1, help="share of the text, at its end, kept for validation"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: data/<source>_<tokenizer>, "
+                                       "data/task_<name>_<tokenizer> for task:NAME)"),
+    input: Optional[Path] = typer.Option(None, "--input", help="a local copy of the tiny-Shakespeare corpus, for "
+                                         "'shakespeare', task:speaker and task:modernize"),
+    val_fraction: float = typer.Option(0.1, help="share kept for validation: the end of a text; a random share of a "
+                                       "pairs file's pairs (task:NAME sets its own)"),
+    examples: Optional[int] = typer.Option(None, help="task:NAME only: train pairs (default: 10000 for generated "
+                                           "tasks, all for speaker and modernize)"),
+    seed: int = typer.Option(1337, help="pairs only: shuffles a pairs file's pairs before the split, seeds task:NAME"),
     force: bool = typer.Option(False, "--force", help="overwrite an output folder prepared differently"),
 ):
-    """Tokenize a corpus into data/<name>/ (train.bin, val.bin, meta.json) for training."""
+    """Tokenize a corpus into data/<name>/ (train.bin, val.bin, meta.json), or source/target pairs (per split
+    .bin and .idx) for sequence-to-sequence training."""
     import prepare_data
 
     prepare_data.prepare(source, tokenizer=tokenizer, vocab_size=vocab_size, out=out, input_path=input,
-                         val_fraction=val_fraction, force=force)
+                         val_fraction=val_fraction, force=force, examples=examples, seed=seed)
 
 
 @app.command()
@@ -99,6 +110,7 @@ def train(
     from prepare_data import UserError
 
     import train as trainer
+    from runtime import end_torchrun_worker
 
     if (config is None) == (resume is None):
         raise UserError("pass either a config file (minigpt train config/debug.toml) or --resume RUN_DIR")
@@ -112,7 +124,7 @@ def train(
         return
     result = trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(cfg))
     if result.world_size > 1:
-        trainer.end_torchrun_worker()
+        end_torchrun_worker()
 
 
 @app.command()
@@ -131,8 +143,12 @@ def sample(
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="recompute the whole context every token"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (a CUDA graph on a GPU): "
                                  "faster tokens after a compile of seconds to a minute"),
+    beams: Optional[int] = typer.Option(None, help="beam search with this many beams (deterministic; runs trained "
+                                        "on pairs); 1 = greedy"),
+    length_penalty: float = typer.Option(1.0, help="beam search ranks hypotheses by log-probability / length^A"),
 ):
-    """Generate text from a trained run, streaming it to the terminal."""
+    """Generate text from a trained run, streaming it to the terminal; on a run trained on pairs, the target for
+    the source given as --prompt, one line per sample."""
     from prepare_data import UserError
 
     import sample as sampler
@@ -154,13 +170,58 @@ def sample(
                                   compile=compile)
     except ValueError as e:
         raise UserError(f"--{str(e).replace('_', '-')}") from None
+    if beams is not None:
+        if beams < 1:
+            raise UserError(f"--beams must be >= 1, got {beams}")
+        ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if given[k] is not None]
+        if temperature not in (None, 0) or ignored:  # beam search chooses by probability alone
+            raise UserError(f"beam search is deterministic: {', '.join(ignored + ['--temperature'] * (temperature not in (None, 0)))} "
+                            "does not apply to --beams; drop it (--temperature 0 is accepted)")
+        if num_samples > beams:
+            raise UserError(f"--num-samples ({num_samples}) must be <= --beams ({beams}): it prints the best hypotheses")
+    if compile and beams is not None:
+        raise UserError("--compile applies to sampling a token stream, not to --beams; drop one of them")
     run = sampler.load_for_inference(run_dir, checkpoint=checkpoint, device=device)
+    if beams is not None and beams > run.model.config.vocab_size:
+        raise UserError(f"--beams ({beams}) is larger than the vocabulary ({run.model.config.vocab_size} ids); use fewer")
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    sampler.sample(run, prompt, num_samples, sc, write=write)
+    if run.pairs:
+        sampler.sample_targets(run, prompt, num_samples, sc, beams or 0, length_penalty, write=write)
+    elif beams is not None:
+        raise UserError(f"--beams decodes a target for a source: {run_dir} was trained on a token stream, not pairs; "
+                        "drop --beams")
+    else:
+        sampler.sample(run, prompt, num_samples, sc, write=write)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="a run folder written by `minigpt train` (or its ckpt.pt or best.pt)"),
+    data: Optional[Path] = typer.Option(None, help="the dataset to evaluate on [default: the one the run trained on]"),
+    split: str = typer.Option("val", help="val | train | length (generated tasks: longer inputs than train's)"),
+    beams: Optional[int] = typer.Option(None, help="decode with beam search, keeping the best of this many beams "
+                                        "(pairs) [default: greedy]"),
+    length_penalty: Optional[float] = typer.Option(None, help="beam search ranks hypotheses by log-probability / "
+                                                   "length^A [default: 1]"),
+    max_examples: Optional[int] = typer.Option(None, help="only the first N pairs, or token-stream windows"),
+    out: Optional[Path] = typer.Option(None, help="write each pair's source, reference, prediction and correct as "
+                                       "JSON lines to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt) | best (best.pt) [default: latest]"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+):
+    """Score a run on a dataset split: exact match, token accuracy, BLEU, chrF and loss of its targets for pairs;
+    loss, perplexity and bits per byte on a token stream."""
+    import json
+
+    import evaluation
+
+    result = evaluation.evaluate_run(run, data, split, beams, length_penalty, max_examples, out, checkpoint, device)
+    typer.echo(json.dumps(result) if as_json else evaluation.format_result(result, run))
 
 
 @app.command()
@@ -243,6 +304,7 @@ def bench_sample(
     import sample as sampler
     import train as trainer
     from model import GPT
+    from runtime import resolve_device
 
     if batch < 1 or prompt_len < 1 or new_tokens < 2:
         raise UserError("--batch and --prompt-len must be >= 1, --new-tokens >= 2")
@@ -255,7 +317,7 @@ def bench_sample(
         cfg, _ = config_from(target, set_)
         cfg, _ = trainer.with_vocab(cfg)
         device = device or cfg.run.device
-        trainer.resolve_device(device)  # a bad --device is a one-line error before the model is built
+        resolve_device(device)  # a bad --device is a one-line error before the model is built
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         rt = sampler.inference_runtime(model, device)

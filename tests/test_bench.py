@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import bench
+import runtime
 import train
 from cli.main import app
 from conftest import REPO_ROOT, tiny_config
@@ -37,7 +38,7 @@ def test_bench_train_without_data_uses_random_tokens(tmp_path):
 def test_bench_sample_reports_cache_speedup():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=32))
-    rt = train.setup_runtime(train.RunConfig(device="cpu"))
+    rt = runtime.setup_runtime(train.RunConfig(device="cpu"))
     r = bench.bench_sample(model, rt, batch=2, prompt_len=16, new_tokens=20, repeats=1)
     assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s_no_cache"] > 0
     assert r["kv_cache_speedup"] == pytest.approx(r["decode_tokens_per_s"] / r["decode_tokens_per_s_no_cache"])

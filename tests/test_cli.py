@@ -222,7 +222,7 @@ def test_subword_tokenizers_prepare_train_and_sample(corpus_path, tmp_path, toke
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     r = runner.invoke(app, [str(a) for a in debug_args(tmp_path / "d", tmp_path / "run", "--set", "train.max_iters=3")])
     assert r.exit_code == 0, r.output
-    state = __import__("train").load_checkpoint(tmp_path / "run")
+    state = __import__("checkpoint").load_checkpoint(tmp_path / "run")
     assert state["config"]["model"]["vocab_size"] == meta["vocab_size"]
     assert state["model"]["wte.weight"].shape[0] % 64 == 0  # padded for speed
     r = runner.invoke(app, ["sample", str(tmp_path / "run"), "--prompt", "Thou art", "--max-new-tokens", "20"])

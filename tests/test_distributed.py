@@ -147,7 +147,7 @@ def logged(run_dir, key: str) -> int:
 
 def max_diffs(run_dir, reference) -> dict[str, float]:
     """The largest |difference| to the reference run of the per-step losses, evaluations and final weights."""
-    import train
+    from checkpoint import load_checkpoint
 
     diffs = {}
     for key in ("loss", "train_loss", "val_loss"):
@@ -157,7 +157,7 @@ def max_diffs(run_dir, reference) -> dict[str, float]:
     assert list(records(reference, "loss")) == list(range(1, STEPS + 1))
     assert list(records(reference, "val_loss")) == [HALF, STEPS]
 
-    got, want = train.load_checkpoint(run_dir), train.load_checkpoint(reference)
+    got, want = load_checkpoint(run_dir), load_checkpoint(reference)
     assert got["step"] == want["step"] == STEPS
     assert got["model"].keys() == want["model"].keys()
     diffs["weights"] = max((got["model"][k].float() - want["model"][k].float()).abs().max().item()
@@ -306,8 +306,11 @@ def test_evaluation_with_eval_iters_not_divisible_by_processes(strategy, char_da
     import torch
 
     import train
+    from checkpoint import load_checkpoint
     from cli.config_loader import build_config
+    from model import GPT
     from prepare_data import read_meta
+    from runtime import Runtime
 
     # 3 batches per split: rank 0 evaluates 2 of them, rank 1 one. One step, then an evaluation.
     run = tmp_path / "run"
@@ -334,11 +337,11 @@ def test_evaluation_with_eval_iters_not_divisible_by_processes(strategy, char_da
     assert proc.returncode == 0, out[-5000:]
 
     # the logged evaluation is the mean over all 3 batches: the same as one process evaluating the saved weights
-    checkpoint = train.load_checkpoint(tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run")
     cfg = build_config(train.Config, checkpoint["config"])
-    model = train.GPT(cfg.model)
+    model = GPT(cfg.model)
     model.load_state_dict(checkpoint["model"])
-    want = train.evaluate(model, cfg, read_meta(cfg.data.dir), train.Runtime(torch.device("cpu"), torch.float32))
+    want = train.evaluate(model, cfg, read_meta(cfg.data.dir), Runtime(torch.device("cpu"), torch.float32))
     got = records(tmp_path / "run", "val_loss")[1], records(tmp_path / "run", "train_loss")[1]
     assert got == pytest.approx((want["val"], want["train"]), abs=1e-5)
 
@@ -346,8 +349,8 @@ def test_evaluation_with_eval_iters_not_divisible_by_processes(strategy, char_da
 def test_a_finished_worker_exits_zero_with_its_output_flushed(tmp_path):
     """The end of a torchrun worker skips the interpreter's finalization (where a gloo thread still releasing a
     collective aborted the process): the exit code is 0 and nothing buffered is lost, though atexit is skipped."""
-    code = ("import atexit, sys, train; atexit.register(print, 'finalized'); print('out', end=''); "
-            "print('err', end='', file=sys.stderr); train.end_torchrun_worker()")
+    code = ("import atexit, sys, runtime; atexit.register(print, 'finalized'); print('out', end=''); "
+            "print('err', end='', file=sys.stderr); runtime.end_torchrun_worker()")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (0, "out", "err")

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+import checkpoint
 import train
 from cli.config_loader import ConfigError, build_config
 from cli.main import app
@@ -129,12 +130,12 @@ def test_random_sigkills_never_break_the_run(char_data, tmp_path):
             stop(proc)
         kills += 1
         if (run / "ckpt.pt").exists():
-            state = train.load_checkpoint(run / "ckpt.pt")  # CRCs checked: never a half-written file
+            state = checkpoint.load_checkpoint(run / "ckpt.pt")  # CRCs checked: never a half-written file
             assert all_finite(state["model"])
             assert last_step <= state["step"] <= max_iters and state["step"] % 2 == 0
             last_step = state["step"]
         if (run / "best.pt").exists():
-            train.load_checkpoint(run / "best.pt")
+            checkpoint.load_checkpoint(run / "best.pt")
         if time.monotonic() - started > 35:  # a slow machine: enough kills, keep the test short
             break
     assert kills >= 3 and resumes >= 2, (kills, resumes)
@@ -155,7 +156,7 @@ def test_random_sigkills_never_break_the_run(char_data, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, max_iters + 1))  # each step once, in order
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert [r["step"] for r in records if "val_loss" in r] == list(range(2, max_iters + 1, 2))
-    assert train.load_checkpoint(run)["step"] == max_iters
+    assert checkpoint.load_checkpoint(run)["step"] == max_iters
     owner = (run / "lock").read_text().strip()
     assert owner == "" or not pid_alive(int(owner))  # no live pid holds the run
 
@@ -179,7 +180,7 @@ def test_sigterm_then_double_sigint(char_data, tmp_path):
     assert "SIGTERM received" in out and f"resume with: minigpt train --resume {run}" in out
     stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+)", out)[1])
     assert int(STEP_LINE.findall(out)[-1]) == stopped_at  # it finished the step it was in, and no more
-    assert train.load_checkpoint(run)["step"] == stopped_at
+    assert checkpoint.load_checkpoint(run)["step"] == stopped_at
     assert (run / "lock").read_text() == ""
 
     log = tmp_path / "int.log"
@@ -197,7 +198,7 @@ def test_sigterm_then_double_sigint(char_data, tmp_path):
     assert code == 128 + signal.SIGINT, log.read_text()  # os._exit: no save, no clean-up, non-zero
     assert took < 3
     assert "stopped by SIGINT" not in log.read_text()
-    state = train.load_checkpoint(run)  # whatever the signal cut short, the file on disk is a whole checkpoint
+    state = checkpoint.load_checkpoint(run)  # whatever the signal cut short, the file on disk is a whole checkpoint
     assert state["step"] >= stopped_at and all_finite(state["model"])
 
 
@@ -227,7 +228,7 @@ def nan_steps(monkeypatch):
 def test_isolated_nan_steps_are_skipped_and_counted(char_data, tmp_path, monkeypatch, nan_steps):
     nan_steps.update({2, 5, 6})
     saved = {}
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def keep_copy(path, state):
         saved[state["step"]] = {k: v.clone() for k, v in state["model"].items()}
@@ -245,7 +246,7 @@ def test_isolated_nan_steps_are_skipped_and_counted(char_data, tmp_path, monkeyp
     # steps 5 and 6 were skipped: the weights at 6 are those of 4; steps 7 and 8 train again
     assert all(torch.equal(saved[4][k], saved[6][k]) for k in saved[4])
     assert not all(torch.equal(saved[6][k], saved[8][k]) for k in saved[6])
-    state = train.load_checkpoint(run)
+    state = checkpoint.load_checkpoint(run)
     assert state["step"] == 8 and all_finite(state["model"])
 
 
@@ -253,7 +254,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_checkpoint_untouched(char_dat
     run = tmp_path / "run"
     train.train(tiny_config(char_data, run, train=dict(max_iters=4, eval_interval=4)))
     before = (run / "ckpt.pt").read_bytes()
-    ckpt = train.load_checkpoint(run)
+    ckpt = checkpoint.load_checkpoint(run)
     nan_steps.add("all")
     cfg = tiny_config(char_data, run, train=dict(max_iters=40, eval_interval=4, max_bad_steps=3))
     with pytest.raises(UserError) as caught:
@@ -262,7 +263,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_checkpoint_untouched(char_dat
     assert "3 steps in a row" in message and "stopped at step 7" in message
     assert f"last good checkpoint is {run}/ckpt.pt" in message
     assert (run / "ckpt.pt").read_bytes() == before
-    assert all_finite(train.load_checkpoint(run)["model"])
+    assert all_finite(checkpoint.load_checkpoint(run)["model"])
     assert (run / "lock").read_text() == ""  # released on the way out
     # steps 5 and 6 are logged as skipped; the run stops at step 7 before logging it
     assert [(r["step"], r["skipped_steps"]) for r in read_metrics(run) if "loss" in r][-3:] == [(4, 0), (5, 1), (6, 2)]
@@ -314,11 +315,11 @@ def test_disk_full_on_the_second_save_keeps_the_first(char_data, tmp_path, monke
     message = str(caught.value)
     assert "No space left on device" in message and "previous checkpoint is intact" in message
     assert "\n" not in message
-    assert train.load_checkpoint(run)["step"] == 2
+    assert checkpoint.load_checkpoint(run)["step"] == 2
     assert not list(run.glob(".*.tmp"))
     assert (run / "lock").read_text() == ""
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from step 2
-    result = train.train(cfg, checkpoint=train.load_checkpoint(run))
+    result = train.train(cfg, checkpoint=checkpoint.load_checkpoint(run))
     assert result.step == 6
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
@@ -370,11 +371,11 @@ def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(char_data,
     finally:
         stop(proc)  # SIGKILL: no clean-up, the lock file still names the dead process
     assert (run / "lock").read_text() == f"{proc.pid}\n" and not pid_alive(proc.pid)
-    step = train.load_checkpoint(run)["step"]
+    step = checkpoint.load_checkpoint(run)["step"]
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--set", f"train.max_iters={step + 3}"])
     assert result.exit_code == 0, result.output
     assert f"resuming at step {step}" in result.stdout
-    assert train.load_checkpoint(run)["step"] == step + 3
+    assert checkpoint.load_checkpoint(run)["step"] == step + 3
     assert (run / "lock").read_text() == ""
     assert [r["step"] for r in read_metrics(run) if "loss" in r][-4:] == [step, step + 1, step + 2, step + 3]
 
@@ -389,7 +390,7 @@ def test_keep_last_keeps_the_two_newest_evaluation_checkpoints(char_data, tmp_pa
     kept = sorted(p.name for p in run.glob("step-*.pt"))
     assert kept == ["step-0000008.pt", "step-0000010.pt"]
     for name, step in zip(kept, (8, 10)):
-        state = train.load_checkpoint(run / name)
+        state = checkpoint.load_checkpoint(run / name)
         assert state["step"] == step
     assert (run / "step-0000010.pt").read_bytes() == (run / "ckpt.pt").read_bytes()
     assert not list(run.glob(".*.tmp"))
@@ -404,7 +405,7 @@ def test_flipped_byte_in_tensor_data_is_caught_by_the_crc(tmp_path):
 
     path = tmp_path / "ckpt.pt"
     weights = torch.arange(4096, dtype=torch.float32)
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": weights}, "config": {}})
+    checkpoint.save_checkpoint(path, {"version": checkpoint.CHECKPOINT_VERSION, "model": {"w": weights}, "config": {}})
     with zipfile.ZipFile(path) as archive:
         info = next(i for i in archive.infolist() if re.fullmatch(r".*/data/0", i.filename))
     data = bytearray(path.read_bytes())
@@ -419,7 +420,7 @@ def test_flipped_byte_in_tensor_data_is_caught_by_the_crc(tmp_path):
     silently = torch.load(path, map_location="cpu", weights_only=True)  # no CRC check in torch.load
     assert not torch.equal(silently["model"]["w"], weights)
     with pytest.raises(UserError, match="corrupt") as caught:
-        train.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert "CRC" in str(caught.value)
 
 

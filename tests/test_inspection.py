@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import checkpoint
 import inspection
 import train
 from cli.config_loader import load_config
@@ -139,7 +140,7 @@ def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     saved = load_config(train.Config, DEBUG, ["model.vocab_size=65", "model.n_layer=3"])
-    torch.save({"version": train.CHECKPOINT_VERSION, "model": {}, "config": asdict(saved)}, run / "ckpt.pt")
+    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "model": {}, "config": asdict(saved)}, run / "ckpt.pt")
     result = invoke(run, "--set", "model.n_kv_head=1")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "does not exist" not in result.stdout

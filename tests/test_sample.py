@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoint
 import sample
 import train
 from conftest import tiny_config
@@ -184,11 +185,11 @@ def test_load_bad_runs(trained_run, tmp_path):
     with pytest.raises(UserError, match="'€'"):
         sample.encode_prompt(run.tokenizer, "a€b")
     # a checkpoint from a newer version, whose model has a setting this one lacks, or a value it refuses
-    state = train.load_checkpoint(trained_run)
+    state = checkpoint.load_checkpoint(trained_run)
     for change, message in [({"attn_sinks": 4}, r"does not know \(attn_sinks\)"), ({"n_head": 5}, "divisible")]:
         future = tmp_path / f"future-{len(message)}"
-        train.save_checkpoint(future / "ckpt.pt", {**state, "config": {**state["config"],
-                                                   "model": {**state["config"]["model"], **change}}})
+        checkpoint.save_checkpoint(future / "ckpt.pt", {**state, "config": {**state["config"],
+                                                        "model": {**state["config"]["model"], **change}}})
         with pytest.raises(UserError, match=message):
             sample.load_for_inference(future)
 

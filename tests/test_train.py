@@ -6,7 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoint
+import runtime
 import train
+from batches import Batches
 from conftest import read_metrics, tiny_config
 from model import GPT, GPTConfig
 from prepare_data import UserError
@@ -63,16 +66,16 @@ def test_training_lowers_loss_and_writes_run(char_data, tmp_path):
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in evals)
     assert result.best_val_loss == min(r["val_loss"] for r in evals)
     assert (tmp_path / "run" / "config.toml").read_text() == "# resolved\n"
-    ckpt = train.load_checkpoint(tmp_path / "run")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "run")
     assert ckpt["step"] == 30 and ckpt["best_val_loss"] == result.best_val_loss
     assert ckpt["config"]["model"]["vocab_size"] > 0 and ckpt["tokenizer"]["kind"] == "char"
-    best = train.load_checkpoint(tmp_path / "run" / "best.pt")
+    best = checkpoint.load_checkpoint(tmp_path / "run" / "best.pt")
     best_step = min(evals, key=lambda r: r["val_loss"])["step"]
     assert best["step"] == best_step
 
 
 def weights(run_dir):
-    return train.load_checkpoint(run_dir)["model"]
+    return checkpoint.load_checkpoint(run_dir)["model"]
 
 
 @pytest.mark.parametrize("sections", [
@@ -91,7 +94,7 @@ def test_resume_is_exact(char_data, tmp_path, sections):
 
     train.train(cfg(tmp_path / "straight", 10))
     train.train(cfg(tmp_path / "split", 5))  # stops at 5: a checkpoint between evals (3 and 6)
-    ckpt = train.load_checkpoint(tmp_path / "split")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "split")
     assert ckpt["step"] == 5
     train.train(cfg(tmp_path / "split", 10), checkpoint=ckpt)
 
@@ -114,7 +117,7 @@ def test_compiled_model_saves_raw_weights(char_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: eager_compile(m, backend="eager"))  # fast on CPU
     cfg = tiny_config(char_data, tmp_path / "run", run={"compile": True}, train={"max_iters": 2})
     train.train(cfg)
-    state = train.load_checkpoint(tmp_path / "run")
+    state = checkpoint.load_checkpoint(tmp_path / "run")
     model = GPT(GPTConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"], strict=True)  # no _orig_mod. prefixes
     assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
@@ -123,33 +126,36 @@ def test_compiled_model_saves_raw_weights(char_data, tmp_path, monkeypatch):
 def test_float16_uses_a_grad_scaler_and_saves_it(char_data, tmp_path):
     cfg = tiny_config(char_data, tmp_path / "run", run={"dtype": "float16"}, train={"max_iters": 3})
     train.train(cfg)
-    state = train.load_checkpoint(tmp_path / "run")
+    state = checkpoint.load_checkpoint(tmp_path / "run")
     assert state["scaler"] and state["scaler"]["scale"] > 0
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(2)}, "config": {}})
+    checkpoint.save_checkpoint(path, {"version": checkpoint.CHECKPOINT_VERSION, "model": {"w": torch.ones(2)},
+                                     "config": {}})
 
     def crash(*a, **kw):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.zeros(2)}, "config": {}})
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(2))
+        checkpoint.save_checkpoint(path, {"version": checkpoint.CHECKPOINT_VERSION, "model": {"w": torch.zeros(2)},
+                                         "config": {}})
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, damage):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "model": {"w": torch.ones(1000)}, "config": {}})
+    checkpoint.save_checkpoint(path, {"version": checkpoint.CHECKPOINT_VERSION, "model": {"w": torch.ones(1000)},
+                                     "config": {}})
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10, "empty": b""}[damage])
     with pytest.raises(UserError, match="corrupt"):
-        train.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_loading_never_runs_pickled_code(tmp_path):
@@ -165,13 +171,13 @@ def test_loading_never_runs_pickled_code(tmp_path):
     with open(path, "wb") as f:
         torch.save({"version": 1, "model": Evil()}, f, pickle_module=pickle)
     with pytest.raises(UserError):
-        train.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
 
 
 def test_bad_inputs(char_data, tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
-        train.load_checkpoint(tmp_path / "nothing")
+        checkpoint.load_checkpoint(tmp_path / "nothing")
     with pytest.raises(UserError, match="meta.json|prepare"):
         train.train(tiny_config(tmp_path / "no_such_data", tmp_path / "run"))
     with pytest.raises(UserError, match="vocab_size"):
@@ -204,13 +210,13 @@ def test_sigterm_saves_and_stops_after_the_current_step(char_data, tmp_path, mon
     previous = signal.getsignal(signal.SIGTERM)
     result = train.train(tiny_config(char_data, tmp_path / "run", train={"max_iters": 50}))
     assert result.stopped_by == "SIGTERM" and result.step == 3
-    assert train.load_checkpoint(tmp_path / "run")["step"] == 3
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 3
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored after the run
 
 
 def test_resume_refuses_a_different_model_shape(char_data, tmp_path):
     train.train(tiny_config(char_data, tmp_path / "run", train={"max_iters": 2}))
-    ckpt = train.load_checkpoint(tmp_path / "run")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "run")
     with pytest.raises(UserError, match="do not fit"):
         train.train(tiny_config(char_data, tmp_path / "run", model={"n_embd": 64}, train={"max_iters": 4}),
                     checkpoint=ckpt)
@@ -231,15 +237,15 @@ def test_wandb_offline_logs_the_run_and_is_untouched_when_off(char_data, tmp_pat
 
 
 FAULTS_PER_TOUCH = """
-import resource, sys, torch, train
+import resource, sys, torch, runtime, train
 if sys.argv[1] == "setup":
-    train.setup_runtime(train.RunConfig(device="cpu"))
+    runtime.setup_runtime(train.RunConfig(device="cpu"))
 counts = []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MB: over glibc's default threshold of 32 MB
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(train.keep_freed_memory() if sys.argv[1] == "setup" else None, *counts)
+print(runtime.keep_freed_memory() if sys.argv[1] == "setup" else None, *counts)
 """
 
 
@@ -275,7 +281,7 @@ def test_prefetched_batch_is_the_one_get_would_make_and_train_step_prefetches_th
     meta = read_meta(char_data)
 
     def batches():
-        return train.Batches(char_data, meta, "train", 4, cfg.model, torch.device("cpu"), seed=3)
+        return Batches(char_data, meta, "train", 4, cfg.model, torch.device("cpu"), seed=3)
 
     b = batches()
     b.prefetch(5, 1)
@@ -289,7 +295,7 @@ def test_prefetched_batch_is_the_one_get_would_make_and_train_step_prefetches_th
     torch.manual_seed(0)
     model = GPT(cfg.model)
     optimizer = train.configure_optimizer(model, cfg.optim, torch.device("cpu"))
-    rt = train.Runtime(torch.device("cpu"), torch.float32)
+    rt = runtime.Runtime(torch.device("cpu"), torch.float32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     b = batches()
     train.train_step(model, optimizer, scaler, b, 4, rt, 1e-3, 2, 1.0)

@@ -1,0 +1,391 @@
+"""Scoring a trained run on a split of a dataset: `minigpt eval`.
+
+On source/target pairs, every source (or the first --max-examples) is decoded, greedily or keeping the best
+hypothesis of a beam search, and the texts are scored: exact match, and BLEU and chrF as sacrebleu computes them
+(the implementation papers report, so the numbers compare with theirs). Teacher-forced, in batches: the token
+accuracy (the argmax among the ids a target may hold) and the loss, over every target token and the end token.
+On a token stream: the loss over consecutive windows of block_size + 1 tokens, its perplexity, and bits per byte
+(the same nats per UTF-8 byte of the predicted text, which compares models across tokenizers).
+
+Read top to bottom:
+  1. metrics: of texts, and of logits against targets (pure functions)
+  2. what is evaluated: the run, its data and the options, every one checked before any work is done
+  3. the two evaluations, and evaluate_run, which the CLI calls
+  4. the table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prepare_data import UserError
+
+PAIRS_PER_BATCH = 64  # pairs per teacher-forced forward pass,
+WINDOWS_PER_BATCH = 64  # and token-stream windows: at most this many,
+LOGITS_PER_BATCH = 1 << 28  # and fewer when the batch's logits (B x T x V) would pass this many values (1 GiB fp32)
+PROGRESS_AFTER_S = 2.0  # an evaluation shows its progress on stderr once it has run this long
+
+PAIR_METRICS = ("examples", "exact_match", "token_accuracy", "loss", "bleu", "chrf")
+STREAM_METRICS = ("tokens", "loss", "perplexity", "bits_per_byte")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Metrics
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """exact_match (the share of predictions equal to their reference, 0-1), and sacrebleu's corpus BLEU and chrF
+    (0-100, its default settings: BLEU on 13a-tokenized words, chrF on character 6-grams)."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"need as many predictions as references, at least one: got {len(predictions)} and "
+                         f"{len(references)}")
+    try:
+        import sacrebleu
+    except ImportError:
+        raise UserError("BLEU and chrF come from sacrebleu, which is not installed: pip install 'sacrebleu>=2.4' "
+                        "(or pip install -e . again)") from None
+    return {
+        "exact_match": sum(p == r for p, r in zip(predictions, references)) / len(references),
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+    }
+
+
+def target_sums(logits: torch.Tensor, targets: torch.Tensor,
+                allowed: torch.Tensor | None = None) -> tuple[float, int, int]:
+    """(summed cross-entropy in nats, correct argmax predictions, targets) of logits (B, T, V) against targets
+    (B, T), -1 where there is none. The cross-entropy is over every logit, as the training loss is; the argmax only
+    among the ids `allowed` ((V',) bool, V' <= V) marks, when given. One host sync."""
+    mask = targets != -1
+    chosen, y = logits[mask].float(), targets[mask]  # (N, V), (N,)
+    nll = F.cross_entropy(chosen, y, reduction="sum")
+    if allowed is not None:
+        chosen = chosen[:, :len(allowed)].masked_fill(~allowed, float("-inf"))
+    correct = (chosen.argmax(dim=-1) == y).sum()
+    nll, correct = torch.stack([nll, correct.float()]).tolist()
+    return nll, int(correct), int(y.numel())
+
+
+def finite(x: float) -> float | None:
+    """x, or None where it is not finite: JSON has no NaN or infinity."""
+    return x if math.isfinite(x) else None
+
+
+class Progress:
+    """`label: done/total unit  rate unit/s  ETA` as one `\\r` line on stderr, shown only once the work has taken
+    PROGRESS_AFTER_S (a short evaluation prints nothing) and redrawn at most ten times a second.
+    (prepare_data._Progress counts characters in MB/s and decides up front from the input's size.)"""
+
+    def __init__(self, total: int, label: str, unit: str, enabled: bool = True):
+        self.total, self.label, self.unit, self.enabled = total, label, unit, enabled
+        self.done, self.t0, self.drawn, self.shown = 0, time.perf_counter(), 0.0, False
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        elapsed = now - self.t0
+        if not self.enabled or elapsed < PROGRESS_AFTER_S or (now - self.drawn < 0.1 and self.done < self.total):
+            return
+        rate = self.done / max(elapsed, 1e-9)
+        eta = (self.total - self.done) / rate if rate else 0.0
+        sys.stderr.write(f"\r{self.label}: {self.done:,}/{self.total:,} {self.unit}  {rate:,.1f} {self.unit}/s  "
+                         f"ETA {eta:4.0f}s ")
+        sys.stderr.flush()
+        self.drawn, self.shown = now, True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def per_batch(limit: int, length: int, vocab: int) -> int:
+    """Examples per forward pass: `limit`, or fewer where their logits would be too many."""
+    return max(1, min(limit, LOGITS_PER_BATCH // max(1, length * vocab)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. What is evaluated: checked before anything is decoded, so that bad input costs no time and writes nothing
+
+CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    run_dir: Path
+    checkpoint: str  # latest | best
+    data_dir: Path
+    meta: dict  # the dataset's meta.json
+    pairs: bool  # a pairs dataset (else a token stream)
+    split: str
+
+
+def locate_checkpoint(run: Path, checkpoint: str | None) -> tuple[Path, str]:
+    """(run folder, latest | best) of RUN: a run folder, or its ckpt.pt or best.pt."""
+    if checkpoint is not None and checkpoint not in CHECKPOINT_FILES:
+        raise UserError(f"--checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+    if run.suffix == ".pt" and not run.is_dir():
+        named = {file: name for name, file in CHECKPOINT_FILES.items()}.get(run.name)
+        if named is None:
+            raise UserError(f"{run}: pass a run folder, or its ckpt.pt or best.pt (evaluating {run.name} is not "
+                            "supported)")
+        if checkpoint not in (None, named):
+            raise UserError(f"{run} is the {named} checkpoint, but --checkpoint says {checkpoint}; drop one of them")
+        run, checkpoint = run.parent, named
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; train one with `minigpt train CONFIG`")
+    checkpoint = checkpoint or "latest"
+    path = run / CHECKPOINT_FILES[checkpoint]
+    if checkpoint == "best" and not path.exists() and (run / "ckpt.pt").exists():
+        raise UserError(f"{run} has no best.pt yet (no evaluation has run); use --checkpoint latest")
+    return run, checkpoint
+
+
+def describe_tokenizer(spec: dict) -> str:
+    kind = spec.get("kind")
+    if kind == "char" and isinstance(spec.get("chars"), str):
+        return f"char, {len(spec['chars'])} characters"
+    return str(kind)
+
+
+def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out: Path | None,
+               checkpoint: str | None) -> EvalPlan:
+    """The run's checkpoint and the dataset, checked against each other and against the options."""
+    from checkpoint import load_checkpoint
+    from pairs import PAIR_SPLITS, check_pairs_meta, is_pairs
+    from prepare_data import SPLITS, read_meta
+
+    run_dir, checkpoint = locate_checkpoint(run, checkpoint)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILES[checkpoint])
+    config, tokenizer = state["config"], state.get("tokenizer") or {}
+    run_kind = (state.get("data") or {}).get("kind", "tokens")
+    special = (state.get("data") or {}).get("special_tokens")
+    del state  # the weights are loaded again, for inference, once everything here is known to be right
+    model = config.get("model", {})
+
+    if data is None:
+        data = Path(str((config.get("data") or {}).get("dir", "")))
+        if not (data / "meta.json").is_file():
+            raise UserError(f"{run} trained on {data}, which is not a prepared dataset here; pass the data to "
+                            "evaluate on with --data DIR")
+    meta = read_meta(data)
+    pairs = is_pairs(meta)
+    if pairs:
+        check_pairs_meta(meta, data)
+    if run_kind != "pairs" and special is not None:
+        raise UserError(f"{run} is an encoder-decoder pre-trained with span corruption: fine-tune it on pairs "
+                        "(minigpt prepare task:NAME), then evaluate that run")
+    if pairs and run_kind != "pairs":
+        raise UserError(f"{run} was trained on a token stream; evaluate it on token-stream data (--data DIR)")
+    if not pairs and run_kind == "pairs":
+        raise UserError(f"{run} was trained on source/target pairs; evaluate it on a pairs dataset (--data DIR, "
+                        "e.g. one written by `minigpt prepare task:NAME`)")
+    if meta["tokenizer"] != tokenizer:
+        raise UserError(f"{data} was prepared with another tokenizer ({describe_tokenizer(meta['tokenizer'])}) than "
+                        f"{run} was trained with ({describe_tokenizer(tokenizer)}); prepare the data with the run's "
+                        "tokenizer, or evaluate a run trained on it")
+    have = [s for s in PAIR_SPLITS if s in meta["splits"]] if pairs else list(SPLITS)
+    if split not in have:
+        raise UserError(f"{data} has no {split!r} split; it holds: {', '.join(have)}")
+    if not pairs:
+        if beams is not None:
+            raise UserError(f"--beams decodes targets for sources: {data} is a token stream, which eval scores by its "
+                            "loss; drop --beams")
+        if out is not None:
+            raise UserError(f"--out writes each pair's prediction: {data} is a token stream, which has none; drop --out")
+        if model.get("attn_mask") == "bidirectional":
+            raise UserError(f"{run} is a masked language model (attn_mask = bidirectional): it has no next-token "
+                            "loss to evaluate")
+    vocab = model.get("vocab_size", 0)
+    if beams is not None and beams > vocab:
+        raise UserError(f"--beams ({beams}) is larger than the vocabulary ({vocab} ids); use fewer")
+    return EvalPlan(run_dir, checkpoint, data, meta, pairs, split)
+
+
+def check_options(beams: int | None, length_penalty: float | None, max_examples: int | None,
+                  out: Path | None) -> None:
+    """The options that need no file to be read."""
+    if beams is not None and beams < 1:
+        raise UserError(f"--beams must be >= 1 (1 = greedy), got {beams}")
+    if length_penalty is not None:
+        if beams is None:
+            raise UserError("--length-penalty ranks the hypotheses of a beam search: add --beams K")
+        if not math.isfinite(length_penalty):
+            raise UserError(f"--length-penalty must be a finite number, got {length_penalty}")
+    if max_examples is not None and max_examples < 1:
+        raise UserError(f"--max-examples must be >= 1, got {max_examples}")
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'predictions.jsonl'}")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The evaluations
+
+
+def check_fit(source_lengths: np.ndarray, target_lengths: np.ndarray, model_cfg, where: str) -> None:
+    """Refuse pairs longer than the model reads: it could neither score nor decode them whole."""
+    from batches import pair_lengths
+
+    enc, dec = pair_lengths(model_cfg, source_lengths, target_lengths)
+    limits = [(dec, model_cfg.block_size, "block_size")]
+    if model_cfg.arch == "encoder_decoder":
+        limits.insert(0, (enc, model_cfg.source_size, "source_block_size"))
+    for need, have, option in limits:
+        over = need > have
+        if over.any():
+            raise UserError(f"{int(over.sum())} of the {len(need)} pairs of {where} are longer than this model reads "
+                            f"(model.{option} = {have}; the longest needs {int(need.max())}); evaluate a split that "
+                            f"fits, or a run trained with --set model.{option}={int(need.max())}")
+
+
+@torch.no_grad()
+def evaluate_pairs(run, plan: EvalPlan, beams: int | None, length_penalty: float, max_examples: int | None,
+                   progress: bool = True) -> tuple[dict, list[dict]]:
+    """The metrics of a pairs split, and each example's {source, reference, prediction, correct}."""
+    import sample
+    import train
+    from batches import collate_pairs, to_device
+    from pairs import open_pairs
+
+    split = open_pairs(plan.data_dir, plan.split, plan.meta)
+    n = min(split.n, max_examples or split.n)
+    if n == 0:
+        raise UserError(f"the {plan.split} split of {plan.data_dir} holds no pairs")
+    cfg, special, tok = run.model.config, run.special, run.tokenizer
+    check_fit(split.source_lengths[:n], split.target_lengths[:n], cfg, f"{plan.data_dir} ({plan.split})")
+    examples = [split.pair(i) for i in range(n)]
+
+    # teacher-forced: the loss and the token accuracy, a batch of pairs per forward pass
+    nll, correct, count = 0.0, 0, 0
+    batch = per_batch(PAIRS_PER_BATCH, cfg.block_size, cfg.padded_vocab_size)
+    for start in range(0, n, batch):
+        x, y = to_device(collate_pairs(examples[start:start + batch], cfg, special), run.rt.device)
+        with run.rt.autocast():
+            logits = train.forward(run.model, x, y)[0]
+        sums = target_sums(logits, y, run.allowed)
+        nll, correct, count = nll + sums[0], correct + sums[1], count + sums[2]
+
+    # decoded: one source at a time, greedy or the best of a beam search
+    sc = sample.SampleConfig(temperature=0.0)
+    bar = Progress(n, "decoding", "examples", progress)
+    rows = []
+    for source, reference in examples:
+        ids = sample.target_ids(run, source.tolist(), sc, 1, beams or 0, length_penalty)[0]
+        prediction, reference_text = sample.decode_target(run, ids), tok.decode(reference.tolist())
+        rows.append({"source": tok.decode(source.tolist()), "reference": reference_text, "prediction": prediction,
+                     "correct": prediction == reference_text})
+        bar.update()
+    bar.close()
+
+    texts = text_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    metrics = {"examples": n, "exact_match": texts["exact_match"], "token_accuracy": correct / count,
+               "loss": nll / count, "bleu": texts["bleu"], "chrf": texts["chrf"]}
+    return metrics, rows
+
+
+def stream_windows(n_tokens: int, block_size: int, max_windows: int | None) -> list[tuple[int, int]]:
+    """(start, length) of consecutive, non-overlapping windows of block_size + 1 tokens that cover n_tokens: each
+    predicts its tokens after the first; a last, shorter window takes what is left (if it holds a prediction)."""
+    w = block_size + 1
+    full, rest = divmod(n_tokens, w)
+    windows = [(k * w, w) for k in range(full)] + ([(full * w, rest)] if rest >= 2 else [])
+    return windows[:max_windows] if max_windows is not None else windows
+
+
+@torch.no_grad()
+def evaluate_stream(run, plan: EvalPlan, max_examples: int | None, progress: bool = True) -> dict:
+    """loss, perplexity and bits per byte of a token-stream split."""
+    import train
+    from prepare_data import open_split
+
+    cfg = run.model.config
+    data = open_split(plan.data_dir, plan.split, plan.meta)
+    windows = stream_windows(len(data), cfg.block_size, max_examples)
+    if not windows:
+        raise UserError(f"the {plan.split} split of {plan.data_dir} has {len(data)} tokens: too few to predict one")
+    batch = per_batch(WINDOWS_PER_BATCH, cfg.block_size, cfg.padded_vocab_size)
+    full = [w for w in windows if w[1] == cfg.block_size + 1]
+    short = [w for w in windows if w[1] != cfg.block_size + 1]  # the last one, alone in its batch
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + ([short] if short else [])
+    nll, count, n_bytes = 0.0, 0, 0
+    bar = Progress(len(windows), "scoring", "windows", progress)
+    for group in groups:
+        start, length = group[0][0], group[0][1]
+        xy = torch.from_numpy(np.asarray(data[start:start + len(group) * length], dtype=np.int64))
+        xy = xy.view(len(group), length).to(run.rt.device)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if cfg.attn_mask == "prefix" and cfg.prefix_len > 1:  # as in training: no targets inside the prefix
+            y = y.clone()
+            y[:, :cfg.prefix_len - 1] = -1
+        with run.rt.autocast():
+            logits = train.forward(run.model, x, y)[0]
+        sums = target_sums(logits, y)
+        nll, count = nll + sums[0], count + sums[2]
+        n_bytes += len(run.tokenizer.decode_bytes(y[y != -1].tolist()))
+        bar.update(len(group))
+    bar.close()
+    if count == 0:  # a split shorter than a prefix-LM's prefix
+        raise UserError(f"the {plan.split} split of {plan.data_dir} has no token past the model's prefix to predict")
+    loss = nll / count
+    return {"tokens": count, "loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else math.inf}
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val", beams: int | None = None,
+                 length_penalty: float | None = None, max_examples: int | None = None, out: str | Path | None = None,
+                 checkpoint: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a run (its folder, or its ckpt.pt / best.pt) on a split of a dataset (by default the one it trained
+    on). Pairs: {examples, exact_match, token_accuracy, loss, bleu, chrf}; greedy decoding, or the best of a beam
+    search with `beams`; `out` receives one JSON line per example. Token stream: {tokens, loss, perplexity,
+    bits_per_byte}. Both also carry split, data and checkpoint_step (and beams, for pairs; 1 = greedy). Non-finite
+    values come back as None. Raises UserError for bad input before any work is done, and writes nothing then."""
+    import sample
+    from runtime import resolve_device
+
+    run, out = Path(run), (Path(out) if out is not None else None)
+    check_options(beams, length_penalty, max_examples, out)
+    resolve_device(device)  # a bad --device is a one-line error before anything is read
+    plan = check_plan(run, Path(data) if data is not None else None, split, beams, out, checkpoint)
+    loaded = sample.load_for_inference(plan.run_dir, checkpoint=plan.checkpoint, device=device)
+    if plan.pairs:
+        metrics, rows = evaluate_pairs(loaded, plan, beams, 1.0 if length_penalty is None else length_penalty,
+                                       max_examples, progress)
+        metrics["beams"] = beams or 1
+    else:
+        metrics, rows = evaluate_stream(loaded, plan, max_examples, progress), []
+    if out is not None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        from prepare_data import atomic_write
+
+        atomic_write(out, lambda f: f.write(text))
+    result = {k: finite(v) if isinstance(v, float) else v for k, v in metrics.items()}
+    return {**result, "split": plan.split, "data": str(plan.data_dir), "checkpoint_step": loaded.step}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The table
+
+
+def format_result(result: dict, run: str | Path) -> str:
+    """The metrics as an aligned table (bench's), titled with what was evaluated."""
+    from bench import format_table
+
+    names = PAIR_METRICS if "exact_match" in result else STREAM_METRICS
+    decoding = ""
+    if "beams" in result:
+        decoding = ", greedy" if result["beams"] == 1 else f", beam search ({result['beams']} beams)"
+    title = (f"eval {run} (step {result['checkpoint_step']:,}) on {result['data']} "
+             f"({result['split']}{decoding})")
+    return format_table(title, {k: result[k] for k in names})
