@@ -1,13 +1,15 @@
 """Benchmarks, measured the way training and sampling really run: the same train_step and decode loop,
 timed after warm-up (and compilation), on the configured device and dtype.
 
-    bench_train(cfg, steps)  -> ms/step, tokens/s, achieved TFLOP/s, MFU, peak memory
+    bench_train(cfg, steps)  -> ms/step, tokens/s, achieved TFLOP/s, MFU, peak memory; on pairs also the time and
+                                FLOPs per target token, and an encoder-decoder beside the decoder-only model of its size
     bench_sample(...)        -> prefill ms, decode tokens/s with and without the KV cache
     compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -21,16 +23,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 import train
-from batches import BatchSource, batch_source
-from encoder_decoder import build_model
+from batches import BatchSource, batch_source, positions_per_example
+from encoder_decoder import build_model, model_flops_per_token
 from model import GPT, GPTConfig, KVCache
+from pairs import is_pairs
 from prepare_data import UserError, read_meta
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
 from sample import decode_steps
@@ -61,21 +64,67 @@ def sync(device: torch.device) -> None:
 
 
 def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
-    """Time `steps` optimizer steps of the configured run after `warmup` untimed ones."""
+    """Time `steps` optimizer steps of the configured run after `warmup` untimed ones.
+
+    On a pairs dataset a step's examples are their own lengths, not block_size: tokens, TFLOP/s and MFU count the
+    mean positions an example takes (batches.positions_per_example, as train.py logs them; padding to a batch's
+    longest example is not useful work and is not counted), and the target tokens a step teaches (each target and
+    its end token) give ms_per_target_token, target_tokens_per_s and flops_per_target_token: what decoder-only
+    and encoder-decoder models are compared by, since the decoder-only one also reads the source in its decoder.
+    For an encoder-decoder on pairs the decoder-only model of the same width and depth (decoder_only_config) is
+    timed after it on the same examples (a step's pairs depend on the seed and the step alone), under
+    "decoder_only"; cost_ratio is the encoder-decoder's ms per target token over the decoder-only model's (below 1:
+    the encoder-decoder is cheaper), flops_ratio the same for FLOPs per target token."""
     cfg, note = train.with_vocab(cfg)
-    rt = setup_runtime(cfg.run, cfg.model)
     real_data = note is None
+    if not real_data and cfg.model.arch == "encoder_decoder":
+        raise UserError(f"an encoder-decoder is benchmarked on a pairs dataset, and {cfg.data.dir}/meta.json does not "
+                        f"exist: prepare one (e.g. minigpt prepare task:add --out {cfg.data.dir}) or --set data.dir=DIR")
+    meta = read_meta(cfg.data.dir) if real_data else None
+    rt = setup_runtime(cfg.run, cfg.model)
+    result = {"device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.run.compile,
+              "data": cfg.data.dir if real_data else "random tokens", **time_training(cfg, rt, meta, steps, warmup)}
+    if meta is not None and is_pairs(meta) and cfg.model.arch == "encoder_decoder":
+        dec_cfg = decoder_only_config(cfg, meta)
+        gc.collect()  # the encoder-decoder's model and optimizer go before the second model comes
+        decoder_only = time_training(dec_cfg, rt, meta, steps, warmup)
+        del decoder_only["peak_tflops"]  # the same device
+        if rt.device.type != "cuda":
+            decoder_only["peak_mem_mb"] = None  # the process's peak resident set: the larger of both runs, not its own
+        m = dec_cfg.model
+        result["cost_ratio"] = result["ms_per_target_token"] / decoder_only["ms_per_target_token"]
+        result["flops_ratio"] = result["flops_per_target_token"] / decoder_only["flops_per_target_token"]
+        result["decoder_only"] = {"n_layer": m.n_layer, "n_embd": m.n_embd, "block_size": m.block_size, **decoder_only}
+    return result
+
+
+def decoder_only_config(cfg: train.Config, meta: dict) -> train.Config:
+    """The decoder-only model of an encoder-decoder's width and depth: as many blocks in one stack as its encoder
+    and decoder have together, every other switch the same, and the context `source <sep> target` needs for the
+    longest source and the longest target of the train split."""
+    m, lengths = cfg.model, meta["length_stats"]["train"]
+    need = lengths["source"]["max"] + 1 + lengths["target"]["max"]
+    model = replace(m, arch="decoder", n_layer=m.n_layer + m.encoder_layers, n_encoder_layer=0, source_block_size=0,
+                    block_size=need)
+    return replace(cfg, model=model)
+
+
+def time_training(cfg: train.Config, rt: Runtime, meta: dict | None, steps: int, warmup: int) -> dict:
+    """Build the configured model and optimizer, run `warmup` untimed steps then `steps` timed ones on the data of
+    `meta` (random tokens without), and return what bench_train reports of them (see there)."""
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(rt.device)
     parallelize(model, cfg, rt)
     optimizer = train.configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step_model = wrap_for_training(model, cfg, rt)
-    if real_data:
-        batches = batch_source(cfg.data.dir, read_meta(cfg.data.dir), "train", cfg.train.batch_size, cfg.model,
-                               cfg.train.objective, rt.device, cfg.run.seed)
+    if meta is not None:
+        batches = batch_source(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, cfg.train.objective,
+                               rt.device, cfg.run.seed)
+        seq_len, source_len = positions_per_example(meta, cfg.model, cfg.train.objective)
     else:
         batches = RandomBatches(cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size, rt.device)
+        seq_len, source_len = float(cfg.model.block_size), 0.0
     micro_steps = train.micro_steps_per_process(cfg, rt)
     peak = device_peak_flops(rt)
     model.train()
@@ -85,7 +134,7 @@ def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
         t0 = time.perf_counter()
         for step in range(first, first + n):
             train.train_step(step_model, optimizer, scaler, batches, step, rt, cfg.optim.lr, micro_steps,
-                             cfg.optim.grad_clip)
+                             cfg.optim.grad_clip, cfg.train.label_smoothing)
         sync(rt.device)
         return time.perf_counter() - t0
 
@@ -94,15 +143,24 @@ def bench_train(cfg: train.Config, steps: int = 20, warmup: int = 5) -> dict:
         torch.cuda.reset_peak_memory_stats(rt.device)
     seconds = run(warmup, steps)
     step_s = seconds / steps
-    tokens = cfg.tokens_per_step
-    flops = model.flops_per_token(cfg.model.block_size) * tokens / step_s
-    return {
-        "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "compile": cfg.run.compile,
-        "data": cfg.data.dir if real_data else "random tokens", "params": model.num_params(), "tokens_per_step": tokens,
+    sequences = cfg.train.batch_size * cfg.train.grad_accum  # per step, over all micro-steps and processes
+    tokens = round(sequences * seq_len)  # a token stream: cfg.tokens_per_step
+    flops_per_step = model_flops_per_token(model, seq_len, source_len) * sequences * seq_len
+    flops = flops_per_step / step_s
+    result = {
+        "params": model.num_params(), "tokens_per_step": tokens,
         "warmup_s": t_compile, "steps": steps, "ms_per_step": 1000 * step_s, "tokens_per_s": tokens / step_s,
         "tflops": flops / 1e12, "peak_tflops": peak / 1e12 if peak else None,
         "mfu": flops / (peak * rt.world_size) if peak else None, "peak_mem_mb": peak_memory_mb(rt.device),
     }
+    if meta is not None and is_pairs(meta):
+        target_tokens = sequences * (meta["length_stats"]["train"]["target"]["mean"] + 1)  # each target and its end
+        result.update({
+            "decoder_positions": seq_len, "encoder_positions": source_len,  # the mean per example
+            "target_tokens_per_step": target_tokens, "ms_per_target_token": 1000 * step_s / target_tokens,
+            "target_tokens_per_s": target_tokens / step_s, "flops_per_target_token": flops_per_step / target_tokens,
+        })
+    return result
 
 
 @torch.no_grad()
@@ -151,14 +209,21 @@ def bench_sample(model: GPT, rt: Runtime, batch: int = 1, prompt_len: int = 64, 
 
 
 def format_table(title: str, result: dict) -> str:
-    """An aligned two-column table of a result dict."""
+    """An aligned two-column table of a result dict; a nested dict is a titled group of indented rows."""
     def show(v):
         if isinstance(v, float):
             return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
         return "-" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
-    width = max(map(len, result))
-    return "\n".join([title] + [f"  {k:<{width}}  {show(v):>14}" for k, v in result.items()])
+    def rows(d: dict, indent: str) -> list[tuple[str, str, str | None]]:  # None: a group's title
+        out = []
+        for k, v in d.items():
+            out += [(indent, k, None), *rows(v, indent + "  ")] if isinstance(v, dict) else [(indent, k, show(v))]
+        return out
+
+    table = rows(result, "  ")
+    width = max(len(indent + k) for indent, k, _ in table)
+    return "\n".join([title] + [indent + k if v is None else f"{indent + k:<{width}}  {v:>14}" for indent, k, v in table])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,18 +3,23 @@
 Pure functions of a `GPTConfig` (plus a batch size and a dtype name); `minigpt inspect` calls `inspect_model`
 and prints `format_report` of it (or the dict itself as JSON). Top to bottom:
 
-    parameters    counted from a real GPT built on the meta device (no memory, exact), grouped by name
-    FLOPs         the model's own `flops_per_token`: one formula for training (6·N + attention), forward = ⅓
+    parameters    counted from the real model (a GPT or an encoder-decoder) built on the meta device (no memory,
+                  exact), grouped by name
+    FLOPs         the model's own `flops_per_token`: one formula for training (6·N + attention), forward = ⅓;
+                  an encoder-decoder's per target token, its encoder's share spread over the target
     KV cache      2 (k and v) · layers · kv heads · head size · bytes, per token and for a full context,
-                  next to plain multi-head attention without a window
+                  next to plain multi-head attention without a window; an encoder-decoder's decoder also keeps
+                  every layer's cross-attention keys and values of the source (`cross_cache_bytes`)
     activations   an estimate of what one training micro-batch keeps for the backward pass, with and
-                  without gradient checkpointing (Korthikanti et al. 2022, adapted; see `activation_bytes`)
+                  without gradient checkpointing (Korthikanti et al. 2022, adapted; see `activation_bytes`,
+                  and `encoder_decoder_activation_bytes` for both stacks and cross-attention)
 """
 
 from __future__ import annotations
 
 import torch
 
+from encoder_decoder import EncoderDecoder, build_model, encoder_config
 from model import GPT, GPTConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,9 +36,14 @@ def resolve_dtype(name: str) -> tuple[str, str | None]:
 
 
 def describe(cfg: GPTConfig) -> str:
-    """One line naming the model, e.g. '4 layers, 4 heads (kv 2), 128 wide, block 64, rope, rmsnorm pre, swiglu'."""
+    """One line naming the model, e.g. '4 layers, 4 heads (kv 2), 128 wide, block 64, rope, rmsnorm pre, swiglu';
+    an encoder-decoder's begins 'encoder-decoder, 3 encoder + 3 decoder layers' and names its source length."""
     heads = f"{cfg.n_head} heads" + (f" (kv {cfg.kv_heads})" if cfg.kv_heads != cfg.n_head else "")
-    parts = [f"{cfg.n_layer} layers", heads, f"{cfg.n_embd} wide", f"block {cfg.block_size}"]
+    if cfg.arch == "encoder_decoder":
+        parts = ["encoder-decoder", f"{cfg.encoder_layers} encoder + {cfg.n_layer} decoder layers", heads,
+                 f"{cfg.n_embd} wide", f"source {cfg.source_size}", f"block {cfg.block_size}"]
+    else:
+        parts = [f"{cfg.n_layer} layers", heads, f"{cfg.n_embd} wide", f"block {cfg.block_size}"]
     if cfg.window < cfg.block_size:
         parts.append(f"window {cfg.window}")
     parts += [cfg.pos_encoding, f"{cfg.norm} {cfg.norm_placement}", cfg.mlp]
@@ -51,10 +61,10 @@ def describe(cfg: GPTConfig) -> str:
 # Parameters
 
 
-def meta_model(cfg: GPTConfig) -> GPT:
+def meta_model(cfg: GPTConfig) -> GPT | EncoderDecoder:
     """The real model with shapes but no storage: exact counts for any size, instantly."""
     with torch.device("meta"):
-        return GPT(cfg)
+        return build_model(cfg)
 
 
 def component(name: str) -> str:
@@ -76,15 +86,36 @@ def component(name: str) -> str:
     return "other"  # a parameter this report does not know yet: still counted in the total
 
 
-def count_params(cfg: GPTConfig, model: GPT | None = None) -> dict[str, int]:
+def encoder_decoder_component(name: str) -> str:
+    """`component` for an encoder-decoder: both position tables are position_embedding; attention and MLPs are
+    told apart by stack (encoder_attention, decoder_attention = the decoder's self-attention, cross_attention with
+    its own qk norms, encoder_/decoder_ mlp, experts, router); every norm is in norms."""
+    if name.startswith("encoder_wpe."):
+        return "position_embedding"
+    if name.startswith("encoder_ln_f."):
+        return "norms"
+    if ".cross." in name:
+        return "cross_attention"
+    key = component(name)
+    if key in ("attention", "mlp", "experts", "router"):
+        return ("encoder_" if name.startswith("encoder.") else "decoder_") + key
+    return key
+
+
+def count_params(cfg: GPTConfig, model: GPT | EncoderDecoder | None = None) -> dict[str, int]:
     """Parameters by component, their `total` (= num_params(non_embedding=False)) and `active`: what one token
     uses (all of them, but with experts only experts_per_token of each layer's experts)."""
     model = model or meta_model(cfg)
-    groups = {"token_embedding": 0, "position_embedding": 0, "attention": 0}
-    groups.update({"experts": 0, "router": 0} if cfg.n_experts else {"mlp": 0})
-    groups["norms"] = 0
+    mlp = ["experts", "router"] if cfg.n_experts else ["mlp"]
+    if cfg.arch == "encoder_decoder":
+        order = ["token_embedding", "position_embedding", "encoder_attention", *(f"encoder_{k}" for k in mlp),
+                 "decoder_attention", "cross_attention", *(f"decoder_{k}" for k in mlp), "norms"]
+        name_group = encoder_decoder_component
+    else:
+        order, name_group = ["token_embedding", "position_embedding", "attention", *mlp, "norms"], component
+    groups = dict.fromkeys(order, 0)
     for name, p in model.named_parameters():  # shared tensors (the tied LM head) are listed once
-        key = component(name)
+        key = name_group(name)
         groups[key] = groups.get(key, 0) + p.numel()
     if cfg.pos_encoding != "learned":
         del groups["position_embedding"]
@@ -97,13 +128,19 @@ def count_params(cfg: GPTConfig, model: GPT | None = None) -> dict[str, int]:
 # FLOPs
 
 
-def flops_per_token(cfg: GPTConfig, model: GPT | None = None) -> dict[str, float]:
+def flops_per_token(cfg: GPTConfig, model: GPT | EncoderDecoder | None = None) -> dict[str, float]:
     """Forward and training (forward + backward = 3 × forward) FLOPs per token at a full context, from the
     model's own formula: 2 per active weight per token forward, plus the score and value matmuls over the
-    keys each query sees (at most the window)."""
+    keys each query sees (at most the window). An encoder-decoder's are per target token, for targets of
+    block_size tokens with sources of source_size: the encoder's work on a source is spread over its target, and
+    each target token's queries also see the source's keys in cross-attention."""
     model = model or meta_model(cfg)
-    training = float(model.flops_per_token(cfg.block_size))
-    return {"forward": training / 3, "training": training, "keys_per_query": min(cfg.block_size, cfg.window)}
+    if cfg.arch != "encoder_decoder":
+        training = float(model.flops_per_token(cfg.block_size))
+        return {"forward": training / 3, "training": training, "keys_per_query": min(cfg.block_size, cfg.window)}
+    training = float(model.flops_per_token(cfg.block_size, cfg.source_size))
+    return {"forward": training / 3, "training": training, "keys_per_query": min(cfg.block_size, cfg.window),
+            "target_len": cfg.block_size, "source_len": cfg.source_size}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,6 +178,24 @@ def kv_cache_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
         "mha_bytes_full_context": mha_full,
         "ratio_vs_mha": mha_full / full,
         "savings": savings,
+    }
+
+
+def cross_cache_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
+    """An encoder-decoder's other cache for decoding: every decoder layer's cross-attention keys and values of
+    the encoder's output (EncoderDecoder.cross_cache), computed once per source and read by every target token,
+    n_layer · 2 · kv heads · head size · source_size values for a full source. PairDecoder repeats them for each
+    row (beam or sample) of one source: `batch_size` sources or rows in all."""
+    elem = DTYPE_BYTES[dtype]
+    values = cfg.n_layer * 2 * cfg.kv_heads * cfg.head_size * cfg.source_size
+    return {
+        "dtype": dtype,
+        "source_len": cfg.source_size,
+        "batch_size": batch_size,
+        "values_per_source": values,
+        "bytes_per_source_token": values // cfg.source_size * elem,
+        "bytes_per_source": values * elem,
+        "bytes_full_batch": values * elem * batch_size,
     }
 
 
@@ -203,6 +258,57 @@ def activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
     }
 
 
+def cross_attention_activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> tuple[int, int]:
+    """What one decoder layer's cross-attention keeps for its backward pass (an estimate, in the terms of
+    `layer_activation_bytes`), for targets of block_size and sources of source_size tokens: (inside the block,
+    outside it). Inside: its norm's input, c_q's input, q (and q before its qk-norm), c_proj's input, the
+    nh·T·S scores (with dropout their mask and output) and the residual dropout's mask. Outside: the source's
+    keys and values (and k before its qk-norm), which `cross_cache` computes before the decoder's blocks run, so
+    gradient checkpointing does not free them. The encoder's output they are made from is counted once, in
+    `encoder_decoder_activation_bytes`."""
+    e = DTYPE_BYTES[dtype]
+    N, M, C = batch_size * cfg.block_size, batch_size * cfg.source_size, cfg.n_embd
+    kvC = cfg.kv_heads * cfg.head_size
+    dropout = cfg.dropout > 0
+    inside = N * e * 4 * C + (N * e * C if cfg.qk_norm else 0)  # norm input, c_q input, q, c_proj input
+    inside += batch_size * cfg.n_head * cfg.block_size * cfg.source_size * (e + (1 + e if dropout else 0))
+    inside += N * C if dropout else 0
+    outside = M * e * 2 * kvC + (M * e * kvC if cfg.qk_norm else 0)
+    return inside, outside
+
+
+def encoder_decoder_activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
+    """`activation_bytes` for an encoder-decoder, micro-batches of batch_size targets of block_size tokens and
+    sources of source_size (the longest: batches are padded to their longest example). The encoder's layers are
+    `layer_activation_bytes` of its own config (bidirectional, S positions); each decoder layer is a GPT layer
+    (causal self-attention and MLP) plus its cross-attention (`cross_attention_activation_bytes`); the encoder's
+    final norm input and its output (every layer's c_kv input) are counted like the decoder's head (2·B·S·C),
+    then the decoder's head and float32 logits. With gradient checkpointing each layer keeps its input, the
+    cross-attention keys and values stay, and one layer's activations (the larger stack's) exist at a time."""
+    e = DTYPE_BYTES[dtype]
+    enc = encoder_config(cfg)
+    N, M = batch_size * cfg.block_size, batch_size * cfg.source_size
+    encoder_layer = layer_activation_bytes(enc, batch_size, dtype)
+    cross_inside, cross_kv = cross_attention_activation_bytes(cfg, batch_size, dtype)
+    decoder_inside = layer_activation_bytes(cfg, batch_size, dtype) + cross_inside
+    tails = 2 * M * cfg.n_embd * e + 2 * N * cfg.n_embd * e  # encoder: ln_f input, output; decoder: ln_f, LM head
+    logits = N * cfg.padded_vocab_size * 4
+    kept = enc.n_layer * encoder_layer + cfg.n_layer * (decoder_inside + cross_kv)
+    inputs = enc.n_layer * M * cfg.n_embd * e + cfg.n_layer * (N * cfg.n_embd * e + cross_kv)
+    return {
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "tokens": N,
+        "source_tokens": M,
+        "per_layer": decoder_inside + cross_kv,
+        "per_encoder_layer": encoder_layer,
+        "logits": logits,
+        "bytes": kept + tails + logits,
+        "bytes_with_checkpointing": inputs + max(encoder_layer, decoder_inside) + tails + logits,
+        "checkpointing_on": cfg.grad_checkpointing,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # The report
 
@@ -213,20 +319,34 @@ def inspect_model(cfg: GPTConfig, batch_size: int, dtype: str = "auto", notes: l
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     dtype, dtype_note = resolve_dtype(dtype)
     model = meta_model(cfg)
-    return {
+    encoder_decoder = cfg.arch == "encoder_decoder"
+    report = {
         "model": describe(cfg),
         "params": count_params(cfg, model),
         "flops_per_token": flops_per_token(cfg, model),
-        "kv_cache": kv_cache_bytes(cfg, batch_size, dtype),
-        "activations": activation_bytes(cfg, batch_size, dtype),
-        "notes": [*notes, *([dtype_note] if dtype_note else [])],
+        "kv_cache": kv_cache_bytes(cfg, batch_size, dtype),  # an encoder-decoder's: its decoder's self-attention
     }
+    if encoder_decoder:
+        report["cross_attention_cache"] = cross_cache_bytes(cfg, batch_size, dtype)
+    activations = encoder_decoder_activation_bytes if encoder_decoder else activation_bytes
+    report["activations"] = activations(cfg, batch_size, dtype)
+    report["notes"] = [*notes, *([dtype_note] if dtype_note else [])]
+    return report
 
 
 PARAM_LABELS = {
     "token_embedding": "token embedding (LM head tied: +0)",
     "position_embedding": "position embedding (learned)",
     "attention": "attention (c_attn, c_proj, qk norms)",
+    "encoder_attention": "encoder self-attention",
+    "decoder_attention": "decoder self-attention (causal)",
+    "cross_attention": "cross-attention (c_q, c_kv, c_proj, qk norms)",
+    "encoder_mlp": "encoder MLP",
+    "decoder_mlp": "decoder MLP",
+    "encoder_experts": "encoder experts (all of them)",
+    "decoder_experts": "decoder experts (all of them)",
+    "encoder_router": "encoder router",
+    "decoder_router": "decoder router",
     "mlp": "MLP",
     "experts": "experts (all of them)",
     "router": "router",
@@ -254,13 +374,21 @@ def human_bytes(n: float) -> str:
 def format_report(report: dict) -> str:
     """The report as an aligned text table: a title line, then one section per quantity."""
     params, flops, kv, act = report["params"], report["flops_per_token"], report["kv_cache"], report["activations"]
+    cross = report.get("cross_attention_cache")  # an encoder-decoder's
     rows: list[tuple[str, str, str] | str] = ["parameters"]
     for key, n in params.items():
-        rows.append((PARAM_LABELS.get(key, key), f"{n:,}", human_count(n)))
-    rows.append(f"FLOPs per token (each query sees {flops['keys_per_query']} keys)")
+        label = PARAM_LABELS.get(key, key)
+        if cross and key == "position_embedding":
+            label = "position embeddings (learned: encoder, decoder)"
+        rows.append((label, f"{n:,}", human_count(n)))
+    if cross:
+        rows.append(f"FLOPs per target token (targets of {flops['target_len']} tokens, sources of {flops['source_len']}; "
+                    f"each query sees {flops['keys_per_query']} keys and {flops['source_len']} source keys)")
+    else:
+        rows.append(f"FLOPs per token (each query sees {flops['keys_per_query']} keys)")
     rows.append(("forward", f"{flops['forward']:,.0f}", human_count(flops["forward"])))
     rows.append(("training (3 x forward)", f"{flops['training']:,.0f}", human_count(flops["training"])))
-    rows.append(f"KV cache for sampling ({kv['dtype']}, batch {kv['batch_size']})")
+    rows.append(f"{'decoder self-attention ' if cross else ''}KV cache for sampling ({kv['dtype']}, batch {kv['batch_size']})")
     rows.append(("per token", f"{kv['bytes_per_token']:,}", human_bytes(kv["bytes_per_token"])))
     rows.append((f"full context ({kv['context']} tokens)", f"{kv['bytes_full_context']:,}",
                  human_bytes(kv["bytes_full_context"])))
@@ -269,8 +397,20 @@ def format_report(report: dict) -> str:
                  human_bytes(kv["mha_bytes_full_context"])))
     rows.append(("saved vs plain multi-head", format_ratio(kv["ratio_vs_mha"]) + " smaller",
                  "; ".join(kv["savings"]) or "nothing"))
-    rows.append(f"Activations, one training micro-batch of {act['batch_size']} x {act['tokens'] // act['batch_size']} "
-                f"({act['dtype']}; estimate, no flash attention)")
+    if cross:
+        rows.append(f"Cross-attention keys and values of the source, computed once per source ({cross['dtype']}, "
+                    f"batch {cross['batch_size']})")
+        rows.append(("per source token", f"{cross['bytes_per_source_token']:,}",
+                     human_bytes(cross["bytes_per_source_token"])))
+        rows.append((f"full source ({cross['source_len']} tokens)", f"{cross['bytes_per_source']:,}",
+                     human_bytes(cross["bytes_per_source"])))
+        rows.append((f"full batch ({cross['batch_size']} sources or beams)", f"{cross['bytes_full_batch']:,}",
+                     human_bytes(cross["bytes_full_batch"])))
+        sources = f" and {act['batch_size']} x {act['source_tokens'] // act['batch_size']} sources"
+    else:
+        sources = ""
+    rows.append(f"Activations, one training micro-batch of {act['batch_size']} x {act['tokens'] // act['batch_size']}"
+                f"{' targets' if cross else ''}{sources} ({act['dtype']}; estimate, no flash attention)")
     used = " (this config)"
     on, off = (used, "") if act["checkpointing_on"] else ("", used)
     rows.append(("without checkpointing" + off, f"{act['bytes']:,}", human_bytes(act["bytes"])))

@@ -231,7 +231,8 @@ def inspect(
     batch_size: Optional[int] = typer.Option(None, help="sequences per micro-batch [default: train.batch_size]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
 ):
-    """Show what a model costs before training it: parameters, FLOPs, KV cache and activation memory."""
+    """Show what a model costs before training it: parameters, FLOPs, KV cache (and an encoder-decoder's
+    cross-attention cache) and activation memory."""
     import json
 
     from prepare_data import UserError
@@ -272,7 +273,8 @@ def bench_train(
     warmup: int = typer.Option(5, help="untimed steps first (compilation happens here)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """ms/step, tokens/s, TFLOP/s, MFU and peak memory of the configured training step."""
+    """ms/step, tokens/s, TFLOP/s, MFU and peak memory of the configured training step; on a pairs dataset also ms
+    and FLOPs per target token, and an encoder-decoder beside the decoder-only model of its width and depth."""
     from prepare_data import UserError
 
     import bench
@@ -313,8 +315,14 @@ def bench_sample(
             raise UserError("--set changes a config; a run's model is what it was trained as (pass a TOML config)")
         run = sampler.load_for_inference(target if target.is_dir() else target.parent, device=device or "auto")
         model, rt = run.model, run.rt
+        if run.pairs:
+            raise UserError(f"bench sample times continuing a prompt; {target} decodes targets for sources: "
+                            "`minigpt eval RUN` reports its examples/s")
     else:
         cfg, _ = config_from(target, set_)
+        if cfg.model.arch != "decoder":
+            raise UserError(f"bench sample times a decoder-only model's decode loop; {target} is an "
+                            "encoder-decoder: train it and run `minigpt eval RUN`, which reports examples/s")
         cfg, _ = trainer.with_vocab(cfg)
         device = device or cfg.run.device
         resolve_device(device)  # a bad --device is a one-line error before the model is built

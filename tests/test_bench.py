@@ -12,7 +12,10 @@ import runtime
 import train
 from cli.main import app
 from conftest import REPO_ROOT, tiny_config
+from batches import positions_per_example
+from encoder_decoder import build_model, model_flops_per_token
 from model import GPT, GPTConfig
+from prepare_data import read_meta
 
 DEBUG = str(REPO_ROOT / "config" / "debug.toml")
 
@@ -33,6 +36,80 @@ def test_bench_train_without_data_uses_random_tokens(tmp_path):
     cfg = tiny_config(tmp_path / "no_data", tmp_path / "run")
     r = bench.bench_train(cfg, steps=2, warmup=1)
     assert r["data"] == "random tokens" and r["tokens_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def add_data(tmp_path_factory):
+    from prepare_data import prepare
+
+    out = tmp_path_factory.mktemp("pairs") / "add"
+    prepare("task:add", out=out, examples=300, seed=1, log=lambda s: None)
+    return out
+
+
+def test_bench_train_on_pairs_counts_target_tokens(add_data, tmp_path):
+    """A decoder-only model reads `source <sep> target`: its FLOPs per target token pay for the source too."""
+    cfg = tiny_config(add_data, tmp_path / "run")
+    r = bench.bench_train(cfg, steps=2, warmup=1)
+    meta = read_meta(add_data)
+    target = meta["length_stats"]["train"]["target"]["mean"] + 1  # each target and its end token
+    seq_len, source_len = positions_per_example(meta, cfg.model, "lm")
+    assert (r["decoder_positions"], r["encoder_positions"]) == (seq_len, source_len) and seq_len > target
+    assert r["tokens_per_step"] == round(4 * seq_len) and r["target_tokens_per_step"] == pytest.approx(4 * target)
+    assert r["target_tokens_per_s"] * r["ms_per_target_token"] / 1000 == pytest.approx(1)
+    assert r["target_tokens_per_s"] == pytest.approx(r["target_tokens_per_step"] / r["ms_per_step"] * 1000)
+    model = build_model(train.with_vocab(cfg)[0].model)
+    assert r["flops_per_target_token"] == pytest.approx(model_flops_per_token(model, seq_len) * seq_len / target)
+    assert r["tflops"] * 1e12 == pytest.approx(r["target_tokens_per_s"] * r["flops_per_target_token"])
+    assert "decoder_only" not in r and "cost_ratio" not in r
+
+
+def test_bench_train_times_an_encoder_decoder_beside_the_decoder_only_model(add_data, tmp_path):
+    model = dict(arch="encoder_decoder", n_layer=2, n_encoder_layer=1, block_size=8, source_block_size=8)
+    cfg = tiny_config(add_data, tmp_path / "run", model=model)
+    r = bench.bench_train(cfg, steps=2, warmup=1)
+    meta = read_meta(add_data)
+    lengths = meta["length_stats"]["train"]
+    target = lengths["target"]["mean"] + 1
+    assert (r["decoder_positions"], r["encoder_positions"]) == (target, lengths["source"]["mean"])
+    encdec = build_model(train.with_vocab(cfg)[0].model)
+    # the decoder reads `<start> target`: as many positions as target tokens
+    assert r["flops_per_target_token"] == pytest.approx(
+        model_flops_per_token(encdec, r["decoder_positions"], r["encoder_positions"]))
+    assert r["target_tokens_per_s"] * r["ms_per_target_token"] / 1000 == pytest.approx(1)
+    d = r["decoder_only"]
+    assert d["n_embd"] == 32 and d["n_layer"] == 3  # as wide, and as many blocks as both stacks together
+    assert d["block_size"] == lengths["source"]["max"] + 1 + lengths["target"]["max"]
+    decoder = build_model(bench.decoder_only_config(train.with_vocab(cfg)[0], meta).model)
+    assert isinstance(decoder, GPT) and d["params"] == decoder.num_params()
+    assert d["decoder_positions"] == lengths["source"]["mean"] + 1 + lengths["target"]["mean"]
+    assert d["encoder_positions"] == 0 and d["target_tokens_per_step"] == r["target_tokens_per_step"]
+    assert d["flops_per_target_token"] == pytest.approx(
+        model_flops_per_token(decoder, d["decoder_positions"]) * d["decoder_positions"] / target)
+    assert d["target_tokens_per_s"] * d["ms_per_target_token"] / 1000 == pytest.approx(1)
+    assert r["cost_ratio"] == pytest.approx(r["ms_per_target_token"] / d["ms_per_target_token"])
+    assert r["flops_ratio"] == pytest.approx(r["flops_per_target_token"] / d["flops_per_target_token"])
+    json.dumps(r)
+
+
+def test_cli_bench_encoder_decoder_table_and_no_data(add_data, tmp_path):
+    runner = CliRunner()
+    config = str(REPO_ROOT / "config" / "transformer_2017.toml")
+    tiny = ["--set", "model.n_layer=1", "--set", "model.n_encoder_layer=1", "--set", "model.n_embd=32",
+            "--set", "model.mlp_hidden=64", "--set", "train.batch_size=4"]
+    r = runner.invoke(app, ["bench", "train", config, "--set", f"data.dir={add_data}", *tiny, "--steps", "2",
+                            "--warmup", "1"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"bench train {config}" and "  decoder_only" in lines
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert {"ms_per_target_token", "target_tokens_per_s", "flops_per_target_token", "cost_ratio"} <= rows.keys()
+    assert rows["n_layer"].startswith("    n_layer ") and rows["n_layer"].split()[1] == "2"  # decoder-only, indented
+    numbers = [line for line in lines[1:] if line.split()[0] not in ("decoder_only", "data")]  # data: a long path
+    assert len({len(line) for line in numbers}) == 1  # one right edge for both models' figures
+    r = runner.invoke(app, ["bench", "train", config, "--set", f"data.dir={tmp_path / 'none'}", *tiny, "--steps", "2"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: an encoder-decoder is benchmarked on a pairs dataset")
 
 
 def test_bench_sample_reports_cache_speedup():

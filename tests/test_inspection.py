@@ -14,7 +14,8 @@ import train
 from cli.config_loader import load_config
 from cli.main import app
 from conftest import REPO_ROOT
-from model import GPTConfig
+from encoder_decoder import EncoderDecoder, encoder_config
+from model import GPTConfig, KVCache
 
 GPT2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 SMALL = GPTConfig(vocab_size=65, block_size=256, n_layer=2, n_head=6, n_embd=48)
@@ -101,6 +102,82 @@ def test_report_dict_and_table():
         inspection.inspect_model(cfg, batch_size=0)
 
 
+ENCDEC = replace(SMALL, arch="encoder_decoder", n_layer=2, n_encoder_layer=3, block_size=24, source_block_size=20)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"n_kv_head": 2, "qk_norm": True, "pos_encoding": "rope", "norm": "rmsnorm"},
+    {"n_experts": 4, "experts_per_token": 2, "mlp": "swiglu", "bias": False},
+    {"norm_placement": "post", "pos_encoding": "sinusoidal", "n_encoder_layer": 0, "attn_window": 8},
+], ids=["learned", "gqa-rope-qknorm", "moe-swiglu", "post-sinusoidal-window"])
+def test_encoder_decoder_groups_sum_to_the_models_own_count(changes):
+    cfg = replace(ENCDEC, **changes)
+    model = inspection.meta_model(cfg)
+    assert isinstance(model, EncoderDecoder)
+    params = inspection.count_params(cfg, model)
+    groups = {k: v for k, v in params.items() if k not in ("total", "active")}
+    assert "other" not in groups and "attention" not in groups  # every parameter in a group of its stack
+    assert sum(groups.values()) == params["total"] == model.num_params(non_embedding=False)
+    assert ("position_embedding" in groups) == (cfg.pos_encoding == "learned")
+    enc, dec = cfg.encoder_layers, cfg.n_layer
+    assert groups["encoder_attention"] == enc * sum(p.numel() for p in model.encoder[0].attn.parameters())
+    assert groups["decoder_attention"] == dec * sum(p.numel() for p in model.blocks[0].attn.parameters())
+    assert groups["cross_attention"] == dec * sum(p.numel() for p in model.blocks[0].cross.parameters())
+    if cfg.n_experts:
+        per_expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
+        assert params["total"] - params["active"] == (enc + dec) * (cfg.n_experts - 2) * per_expert
+        assert groups["encoder_experts"] == enc * cfg.n_experts * per_expert
+    else:
+        assert params["active"] == params["total"]
+        assert groups["encoder_mlp"] == enc * sum(p.numel() for p in model.encoder[0].mlp.parameters())
+
+
+def test_encoder_decoder_caches_match_the_models_own_tensors():
+    """The cross-attention cache is every decoder layer's keys and values of a full source; the self-attention
+    cache is model.KVCache's, over the decoder's layers."""
+    cfg = replace(ENCDEC, n_kv_head=2, vocab_size=50)
+    torch.manual_seed(0)
+    model = EncoderDecoder(cfg)
+    with torch.no_grad():
+        cross = model.cross_cache(model.encode(torch.randint(50, (1, cfg.source_size))))
+    report = inspection.inspect_model(cfg, batch_size=3, dtype="float32")
+    c = report["cross_attention_cache"]
+    assert c["values_per_source"] == sum(k.numel() + v.numel() for k, v in cross.kv)
+    assert c["values_per_source"] == cfg.n_layer * 2 * cfg.kv_heads * cfg.head_size * cfg.source_size
+    assert c["bytes_full_batch"] == sum(k.nbytes + v.nbytes for k, v in cross.expand(3).kv)  # 3 beams of it
+    assert c["bytes_per_source_token"] * cfg.source_size == c["bytes_per_source"] == 4 * c["values_per_source"]
+    cache = KVCache(cfg, 3, dtype=torch.float32)
+    assert report["kv_cache"]["bytes_full_context"] == cache.k.nbytes + cache.v.nbytes
+
+
+def test_encoder_decoder_flops_and_activations():
+    cfg = replace(ENCDEC, dropout=0.1)
+    model = inspection.meta_model(cfg)
+    flops = inspection.flops_per_token(cfg, model)
+    assert flops["training"] == model.flops_per_token(24, 20) == 3 * flops["forward"]
+    assert (flops["target_len"], flops["source_len"]) == (24, 20)
+    act = inspection.encoder_decoder_activation_bytes(cfg, 2, "bfloat16")
+    assert act["per_encoder_layer"] == inspection.layer_activation_bytes(encoder_config(cfg), 2, "bfloat16")
+    assert act["per_layer"] > inspection.layer_activation_bytes(cfg, 2, "bfloat16")  # plus cross-attention
+    assert act["bytes"] > act["bytes_with_checkpointing"] > act["logits"] == 2 * 24 * cfg.padded_vocab_size * 4
+    assert inspection.encoder_decoder_activation_bytes(cfg, 4, "bfloat16")["bytes"] == 2 * act["bytes"]
+    # the decoder alone, as a GPT of the same config, keeps less
+    assert act["bytes"] > inspection.activation_bytes(replace(cfg, arch="decoder", n_encoder_layer=0,
+                                                              source_block_size=0), 2, "bfloat16")["bytes"]
+
+
+def test_encoder_decoder_report_table():
+    report = inspection.inspect_model(replace(ENCDEC, n_kv_head=2), batch_size=3)
+    assert report["model"].startswith("encoder-decoder, 3 encoder + 2 decoder layers, 6 heads (kv 2), 48 wide, "
+                                      "source 20, block 24")
+    json.dumps(report)
+    table = inspection.format_report(report)
+    for line in ("FLOPs per target token (targets of 24 tokens, sources of 20;", "decoder self-attention KV cache",
+                 "Cross-attention keys and values of the source", "  cross-attention (c_q, c_kv, c_proj, qk norms)",
+                 "  full source (20 tokens)", "3 x 24 targets and 3 x 20 sources"):
+        assert line in table, line
+
+
 def invoke(*args):
     return CliRunner().invoke(app, ["inspect", *map(str, args)])
 
@@ -144,6 +221,22 @@ def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_pat
     result = invoke(run, "--set", "model.n_kv_head=1")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "does not exist" not in result.stdout
+
+
+def test_cli_inspects_the_2017_transformer_without_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its data.dir, data/pairs, is not there: GPT-2's vocabulary, as for a GPT
+    config = REPO_ROOT / "config" / "transformer_2017.toml"
+    result = invoke(config, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    cfg = load_config(train.Config, config, ["model.vocab_size=50304"]).model
+    assert report["model"].startswith("encoder-decoder, 3 encoder + 3 decoder layers")
+    assert report["params"]["total"] == inspection.meta_model(cfg).num_params(non_embedding=False)
+    assert report["params"]["token_embedding"] == 50304 * 128
+    assert report["cross_attention_cache"]["source_len"] == 64 and report["flops_per_token"]["source_len"] == 64
+    assert any("meta.json does not exist" in n for n in report["notes"])
+    result = invoke(config)
+    assert result.exit_code == 0 and result.stdout.startswith("encoder-decoder") and "cross-attention" in result.stdout
 
 
 @pytest.mark.parametrize("args, expected", [
