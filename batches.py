@@ -153,17 +153,19 @@ def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], model: GPTConfig, 
     return x, y
 
 
-def check_pairs_fit(lengths: tuple[np.ndarray, np.ndarray], model: GPTConfig, where: str) -> None:
-    """Refuse pairs longer than the model's context, saying how many and which option to raise."""
+def check_pairs_fit(lengths: tuple[np.ndarray, np.ndarray], model: GPTConfig, where: str,
+                    fix: str = "raise it with --set model.{option}={need}") -> None:
+    """Refuse pairs longer than the model's context, saying how many and which option to raise (`fix`)."""
     enc, dec = pair_lengths(model, lengths[0], lengths[1])
-    problems = []
-    if model.arch == "encoder_decoder" and (enc > model.source_size).any():
-        problems.append((int((enc > model.source_size).sum()), "source_block_size", int(enc.max()), model.source_size))
-    if (dec > model.block_size).any():
-        problems.append((int((dec > model.block_size).sum()), "block_size", int(dec.max()), model.block_size))
-    for count, option, need, have in problems:
-        raise UserError(f"{count} of the {len(lengths[0])} pairs of {where} are longer than the model's context: the "
-                        f"longest needs model.{option} = {need} (it is {have}); raise it with --set model.{option}={need}")
+    limits = [(dec, model.block_size, "block_size")]
+    if model.arch == "encoder_decoder":
+        limits.insert(0, (enc, model.source_size, "source_block_size"))
+    for need, have, option in limits:
+        over = need > have
+        if over.any():
+            raise UserError(f"{int(over.sum())} of the {len(need)} pairs of {where} are longer than the model's "
+                            f"context: the longest needs model.{option} = {int(need.max())} (it is {have}); "
+                            + fix.format(option=option, need=int(need.max())))
 
 
 class PairBatches(BatchSource):

@@ -40,7 +40,7 @@ from sample import decode_steps
 
 
 class RandomBatches(BatchSource):
-    """Uniformly random tokens in place of a dataset, with the interface of train.Batches."""
+    """Uniformly random tokens in place of a dataset, with the interface of batches.Batches."""
 
     def __init__(self, batch_size: int, block_size: int, vocab_size: int, device: torch.device):
         self.batch_size, self.block_size, self.vocab_size, self.device = batch_size, block_size, vocab_size, device

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from model import (GPT, Attention, AttentionInputs, Block, Dropout, GPTConfig, KVCache, MLP, MoE, alibi_slopes, attend,
-                   attention_inputs, embed, make_norm, residual, run_block, training_loss)
+                   attention_inputs, embed, experts_balance_loss, make_norm, residual, run_block, training_loss)
 
 
 def encoder_config(cfg: GPTConfig) -> GPTConfig:
@@ -191,10 +191,7 @@ class EncoderDecoder(nn.Module):
     # -- what a model costs -------------------------------------------------------------------------------
 
     def aux_loss(self) -> torch.Tensor:
-        """The experts' load-balancing loss of the last forward, averaged over both stacks' layers."""
-        if not self.config.n_experts:
-            return torch.zeros(())
-        return torch.stack([block.mlp.aux_loss for block in [*self.encoder, *self.blocks]]).mean()
+        return experts_balance_loss(self.config, [*self.encoder, *self.blocks])  # both stacks' experts
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, counted once despite the tie; without the position tables by default (as GPT-2 reports)."""

@@ -234,29 +234,13 @@ def check_options(beams: int | None, length_penalty: float | None, max_examples:
 # 3. The evaluations
 
 
-def check_fit(source_lengths: np.ndarray, target_lengths: np.ndarray, model_cfg, where: str) -> None:
-    """Refuse pairs longer than the model reads: it could neither score nor decode them whole."""
-    from batches import pair_lengths
-
-    enc, dec = pair_lengths(model_cfg, source_lengths, target_lengths)
-    limits = [(dec, model_cfg.block_size, "block_size")]
-    if model_cfg.arch == "encoder_decoder":
-        limits.insert(0, (enc, model_cfg.source_size, "source_block_size"))
-    for need, have, option in limits:
-        over = need > have
-        if over.any():
-            raise UserError(f"{int(over.sum())} of the {len(need)} pairs of {where} are longer than this model reads "
-                            f"(model.{option} = {have}; the longest needs {int(need.max())}); evaluate a split that "
-                            f"fits, or a run trained with --set model.{option}={int(need.max())}")
-
-
 @torch.no_grad()
 def evaluate_pairs(run, plan: EvalPlan, beams: int | None, length_penalty: float, max_examples: int | None,
                    progress: bool = True) -> tuple[dict, list[dict]]:
     """The metrics of a pairs split, and each example's {source, reference, prediction, correct}."""
     import sample
     import train
-    from batches import collate_pairs, to_device
+    from batches import check_pairs_fit, collate_pairs, to_device
     from pairs import open_pairs
 
     split = open_pairs(plan.data_dir, plan.split, plan.meta)
@@ -264,7 +248,8 @@ def evaluate_pairs(run, plan: EvalPlan, beams: int | None, length_penalty: float
     if n == 0:
         raise UserError(f"the {plan.split} split of {plan.data_dir} holds no pairs")
     cfg, special, tok = run.model.config, run.special, run.tokenizer
-    check_fit(split.source_lengths[:n], split.target_lengths[:n], cfg, f"{plan.data_dir} ({plan.split})")
+    check_pairs_fit((split.source_lengths[:n], split.target_lengths[:n]), cfg, f"{plan.data_dir} ({plan.split})",
+                    fix="evaluate a split that fits, or a run trained with --set model.{option}={need}")
     examples = [split.pair(i) for i in range(n)]
 
     # teacher-forced: the loss and the token accuracy, a batch of pairs per forward pass
@@ -292,6 +277,9 @@ def evaluate_pairs(run, plan: EvalPlan, beams: int | None, length_penalty: float
     texts = text_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
     metrics = {"examples": n, "exact_match": texts["exact_match"], "token_accuracy": correct / count,
                "loss": nll / count, "bleu": texts["bleu"], "chrf": texts["chrf"]}
+    if "baseline" in plan.meta:  # a task whose targets are edits of the source (modernize): what copying scores
+        copied = text_metrics([r["source"] for r in rows], [r["reference"] for r in rows])
+        metrics.update({f"copy_{k}": v for k, v in copied.items()})
     return metrics, rows
 
 
@@ -383,6 +371,7 @@ def format_result(result: dict, run: str | Path) -> str:
     from bench import format_table
 
     names = PAIR_METRICS if "exact_match" in result else STREAM_METRICS
+    names += tuple(k for k in result if k.startswith("copy_"))  # the copy-the-source baseline, where reported
     decoding = ""
     if "beams" in result:
         decoding = ", greedy" if result["beams"] == 1 else f", beam search ({result['beams']} beams)"

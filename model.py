@@ -1,6 +1,6 @@
 """The GPT model, top to bottom: config, positions, KV cache, attention, MLP and experts, block, GPT.
 
-Pure PyTorch: no device choice, autocast, compile, DDP or logging here (train.py and sample.py do that),
+Pure PyTorch: no device choice, autocast, compile, DDP or logging here (runtime.py, train.py and sample.py do that),
 so the same module trains, samples and is tested on the CPU in float32.
 
 Today's GPT-2 block is the default; every other design choice is one field of `GPTConfig`, acting in one
@@ -89,6 +89,9 @@ class GPTConfig:
         if self.arch == "encoder_decoder" and self.attn_mask != "causal":
             raise ValueError("an encoder-decoder's encoder is bidirectional and its decoder causal: leave attn_mask "
                              f"at 'causal' (got {self.attn_mask!r})")
+        if self.scale_embeddings and self.pos_encoding not in ("learned", "sinusoidal"):
+            raise ValueError(f"scale_embeddings balances token embeddings against the positions added to them; "
+                             f"pos_encoding = {self.pos_encoding!r} adds none: use learned or sinusoidal, or drop it")
         if self.arch == "decoder" and (self.n_encoder_layer or self.source_block_size):
             raise ValueError("n_encoder_layer and source_block_size apply to arch = 'encoder_decoder' only; "
                              "set model.arch=encoder_decoder or leave them at 0")
@@ -527,6 +530,13 @@ def embed(cfg: GPTConfig, wte: nn.Embedding, wpe: nn.Embedding | None, idx: torc
     return x
 
 
+def experts_balance_loss(cfg: GPTConfig, blocks) -> torch.Tensor:
+    """The experts' load-balancing loss of the last forward, averaged over the blocks (0 without experts)."""
+    if not cfg.n_experts:
+        return torch.zeros(())
+    return torch.stack([block.mlp.aux_loss for block in blocks]).mean()
+
+
 def training_loss(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
                   label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against targets (B, T) (-1: no target), plus the experts'
@@ -651,10 +661,7 @@ class GPT(nn.Module):
         return logits, training_loss(self, logits, targets, label_smoothing)
 
     def aux_loss(self) -> torch.Tensor:
-        """The experts' load-balancing loss of the last forward, averaged over layers (0 without experts)."""
-        if not self.config.n_experts:
-            return torch.zeros(())
-        return torch.stack([block.mlp.aux_loss for block in self.blocks]).mean()
+        return experts_balance_loss(self.config, self.blocks)
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, prefix_len: int | None = None) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_la
                         save_checkpoint, tidy_run_dir)
 from encoder_decoder import build_model, model_flops_per_token
 from model import GPTConfig
-from pairs import N_SPECIAL, is_pairs, special_tokens
+from pairs import N_SPECIAL, check_pair_ids, is_pairs, special_tokens
 from prepare_data import UserError, check_token_ids, read_meta
 from runtime import (Runtime, device_peak_flops, gradient_sync, parallelize, setup_runtime, valid_device,
                      wrap_for_training)
@@ -265,8 +265,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     """One optimizer step over this process's `micro_steps` micro-batches of step `step`.
 
     Gradients accumulate locally and are synchronised across processes on the last micro-step only; they are
-    clipped after that reduction. Returns the loss and the plain cross-entropy (the loss without label smoothing
-    or the experts' balance), averaged over all processes, and whether the step was skipped because the loss or
+    clipped after that reduction. Returns the loss and the cross-entropy without label smoothing (the loss itself
+    when there is none: no second pass over the logits), averaged over all processes, and whether the step was skipped because the loss or
     the gradient norm was not finite (every process decides alike: the gradients and the averaged loss are the
     same everywhere)."""
     for group in optimizer.param_groups:
@@ -425,8 +425,8 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     batches = batch_source(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, cfg.train.objective,
                            rt.device, seed=cfg.run.seed)
     batch_source(cfg.data.dir, meta, "val", 1, cfg.model, cfg.train.objective, rt.device, seed=0)  # val fits too
-    for split in ("train", "val"):
-        check_token_ids(cfg.data.dir, split, meta)
+    for split in ("train", "val"):  # a pairs file stores tokenizer ids only: a special id there would be corrupt
+        (check_pair_ids if is_pairs(meta) else check_token_ids)(cfg.data.dir, split, meta)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     model = build_model(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below

@@ -189,6 +189,9 @@ def sample(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    if run.pairs and compile:
+        raise UserError(f"--compile compiles a token stream's decode step; {run_dir} decodes targets for sources "
+                        "(trained on pairs): drop --compile")
     if run.pairs:
         sampler.sample_targets(run, prompt, num_samples, sc, beams or 0, length_penalty, write=write)
     elif beams is not None:

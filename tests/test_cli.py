@@ -32,14 +32,15 @@ def debug_args(data_dir, out_dir, *extra):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_loads_and_builds(path):
+    from dataclasses import replace
+
     import train
-    from model import GPT
+    from encoder_decoder import build_model
 
     cfg = load_config(train.Config, path)
     assert cfg.data.dir.startswith("data/") and cfg.run.out_dir.startswith("out/")
-    from dataclasses import replace
-
-    GPT(replace(cfg.model, vocab_size=65))  # the shapes are consistent
+    model = build_model(replace(cfg.model, vocab_size=65))  # the shapes are consistent
+    assert type(model).__name__ == ("EncoderDecoder" if cfg.model.arch == "encoder_decoder" else "GPT")
 
 
 def test_help_is_instant_and_imports_no_torch():
@@ -120,6 +121,12 @@ def workspace(char_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ws")
     result = CliRunner().invoke(app, [str(a) for a in debug_args(char_data, root / "run", "--set", "train.max_iters=4")])
     assert result.exit_code == 0, result.output
+    # and an encoder-decoder trained on pairs, for the bad inputs of beam search
+    result = CliRunner().invoke(app, ["prepare", "task:copy", "--examples", "50", "--out", str(root / "copy")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [str(a) for a in debug_args(root / "copy", root / "pairs_run", "--set",
+                                                                 "train.max_iters=2", "--set", "model.arch=encoder_decoder")])
+    assert result.exit_code == 0, result.output
     return root, char_data
 
 
@@ -152,6 +159,21 @@ BAD = {
     "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
     "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
     "bad tokenizer": (["prepare", "shakespeare", "--tokenizer", "words"], "tokenizer"),
+    # sequence to sequence
+    "beams 0": (["sample", "{root}/pairs_run", "--prompt", "abc", "--beams", "0"], "--beams must be >= 1"),
+    "beams over the vocabulary": (["sample", "{root}/pairs_run", "--prompt", "abc", "--beams", "1000"],
+                                  "larger than the vocabulary"),
+    "beams with top-k": (["sample", "{root}/pairs_run", "--beams", "2", "--top-k", "5"], "does not apply"),
+    "more samples than beams": (["sample", "{root}/pairs_run", "--beams", "2", "--num-samples", "3"], "<= --beams"),
+    "beams on a token stream": (["sample", "{root}/run", "--beams", "2"], "trained on a token stream"),
+    "compile on pairs": (["sample", "{root}/pairs_run", "--prompt", "abc", "--compile"], "drop --compile"),
+    "unknown arch": (["train", "{debug}", "--set", "model.arch=t5"], "model.arch"),
+    "pairs too long": (["train", "{debug}", "--set", "data.dir={root}/copy", "--set", "model.block_size=4",
+                        "--set", "run.out_dir={root}/new"], "raise it with --set model.block_size="),
+    "encoder-decoder on a stream": (["train", "{debug}", "--set", "data.dir={data}", "--set", "model.arch=encoder_decoder",
+                                     "--set", "run.out_dir={root}/new"], "span_corruption"),
+    "eval a stream run on pairs": (["eval", "{root}/run", "--data", "{root}/copy"], "token stream"),
+    "unknown task": (["prepare", "task:juggle", "--out", "{root}/d"], "unknown task 'juggle'"),
     # click's own parse errors, too
     "unknown option": (["train", "--bogus"], "No such option: --bogus (see: "),
     "unknown command": (["frobnicate"], "No such command 'frobnicate'"),

@@ -307,7 +307,7 @@ BAD = {
     "other tokenizer": (["{pairs}", "--data", "{add}"], "another tokenizer (char, 11 characters) than"),
     "out in a missing folder": (["{pairs}", "--out", "{ws}/no/such/p.jsonl"], "does not exist"),
     "out on a stream": (["{stream}", "--out", "{ws}/p.jsonl"], "drop --out"),
-    "pairs longer than the model": (["{decoder}", "--split", "length"], "longer than this model reads"),
+    "pairs longer than the model": (["{decoder}", "--split", "length"], "evaluate a split that fits"),
     "bad checkpoint name": (["{pairs}", "--checkpoint", "newest"], "--checkpoint must be"),
     "bad device": (["{pairs}", "--device", "tpu"], "device must be"),
     "masked LM on a stream": (["{masked}"], "masked language model"),

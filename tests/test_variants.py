@@ -303,7 +303,8 @@ def test_bidirectional_reserves_a_mask_token_that_is_never_sampled():
 def test_invalid_variant_values_are_rejected():
     for bad, match in [({"n_kv_head": 3}, "n_kv_head"), ({"attn_mask": "prefix", "prefix_len": 12}, "prefix_len"),
                        ({"prefix_len": 4}, "prefix_len"), ({"arch": "encoder_decoder", "attn_mask": "prefix"}, "causal"),
-                       ({"n_encoder_layer": 2}, "encoder_decoder"), ({"arch": "t5"}, "arch"),
+                       ({"n_encoder_layer": 2}, "encoder_decoder"),
+                       ({"scale_embeddings": True, "pos_encoding": "rope"}, "scale_embeddings"), ({"arch": "t5"}, "arch"),
                        ({"n_experts": 1}, "n_experts"), ({"n_experts": 2, "experts_per_token": 3}, "experts_per_token"),
                        ({"pos_encoding": "rope", "n_embd": 36, "n_head": 4}, "even")]:
         with pytest.raises(ValueError, match=match):
