@@ -182,6 +182,23 @@ BAD = {
 }
 
 
+def test_encoder_decoder_sample_prints_one_target_per_line_the_same_with_and_without_the_cache(workspace):
+    root, _ = workspace
+    runner = CliRunner()
+    texts = {}
+    for extra in ([], ["--no-kv-cache"]):
+        result = runner.invoke(app, ["sample", str(root / "pairs_run"), "--prompt", "abc", "--temperature", "0",
+                                     "--max-new-tokens", "12", "--num-samples", "2", *extra])
+        assert result.exit_code == 0, result.output
+        texts[bool(extra)] = result.stdout
+    assert texts[True] == texts[False]
+    lines = texts[False].split("\n")
+    assert len(lines) == 3 and lines[0] == lines[1] and lines[2] == ""  # greedy twice: the same line, then the end
+    beams = runner.invoke(app, ["sample", str(root / "pairs_run"), "--prompt", "abc", "--beams", "3",
+                                "--num-samples", "3", "--max-new-tokens", "12"])
+    assert beams.exit_code == 0 and len(beams.stdout.splitlines()) == 3, beams.output
+
+
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, case):
     root, data = workspace
