@@ -43,6 +43,8 @@ class SampleConfig:
             raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**64:  # what torch's generators take
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 @dataclass

@@ -53,7 +53,7 @@ class OptimConfig:
     beta2: float = 0.99  # a little higher than GPT-2's 0.95: tiny batches give noisy gradients
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_iters: int = 100  # linear warmup from ~0 to lr over this many steps
-    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at train.max_iters
+    lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at the train.max_iters the run started with
     # after warmup: cosine to min_lr, or Vaswani 2017's lr · √(warmup / step) (floored at min_lr), with no end
     schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
 
@@ -101,7 +101,7 @@ class RunConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu; or cpu, cuda, cuda:1, mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast dtype; auto: bf16 on GPUs that have it
     compile: bool = False  # torch.compile the model: faster steps after a compile of a minute or so
-    seed: int = 1337
+    seed: int = 1337  # 0 <= seed < 2**64
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
     keep_last: int = 0  # also keep the last N evaluation checkpoints as step-NNNNNNN.pt; 0 = ckpt.pt and best.pt only
 
@@ -110,6 +110,10 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
+        if not 0 <= self.seed < 2**64:  # what numpy's SeedSequence and torch's generators take
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir must name a folder (it is empty); e.g. --set run.out_dir=out/my_run")
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,9 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
 def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
     meta = read_meta(cfg.data.dir)
     cfg = resolve_vocab(cfg, meta, cfg.data.dir)
+    if checkpoint is None and not cfg.optim.lr_decay_iters:  # the schedule is fixed once, in the checkpoint's
+        # config: training a resumed run longer (more train.max_iters) goes on at min_lr, not up a re-stretched cosine
+        cfg = replace(cfg, optim=replace(cfg.optim, lr_decay_iters=cfg.train.max_iters))
     out_dir = Path(cfg.run.out_dir)
     if checkpoint is None and (out_dir / "ckpt.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with `minigpt train --resume {out_dir}` "
@@ -501,7 +508,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                 out_dir.mkdir(parents=True, exist_ok=True)
                 cleanup.enter_context(run_lock(out_dir))
             except OSError as e:
-                raise UserError(f"cannot write to {out_dir} ({e.strerror or e}); choose another --set run.out_dir=...") from None
+                fix = ("a resumed run continues in its own folder: make it writable, or copy it somewhere writable "
+                       "and resume the copy" if checkpoint is not None else "choose another --set run.out_dir=...")
+                raise UserError(f"cannot write to {out_dir} ({e.strerror or e}); {fix}") from None
             tidy_run_dir(out_dir, step)
             if config_text is not None:
                 (out_dir / "config.toml").write_text(config_text)

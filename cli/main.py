@@ -116,6 +116,14 @@ def train(
         raise UserError("pass either a config file (minigpt train config/debug.toml) or --resume RUN_DIR")
     if resume is not None and not (resume.is_dir() or resume.suffix == ".pt"):
         raise UserError(f"--resume takes a run folder (or its ckpt.pt), got {resume}")
+    if config is not None and (config.is_dir() or config.suffix == ".pt"):  # it would train from that checkpoint
+        folder = config if config.is_dir() else config.parent
+        raise UserError(f"{config} is a run, not a config: continue it with `minigpt train --resume {folder}`, or "
+                        f"start a new run from its config with `minigpt train {folder / 'config.toml'} "
+                        "--set run.out_dir=NEW`")
+    if resume is not None and any(o.split("=", 1)[0].strip() == "run.out_dir" for o in set_):
+        raise UserError(f"a resumed run continues in its own folder ({resume}): drop --set run.out_dir, or copy the "
+                        "folder and resume the copy")
     cfg, checkpoint = config_from(config or resume, set_)
     if resume is not None:  # the run continues where it lies
         cfg = replace(cfg, run=replace(cfg.run, out_dir=str(resume if resume.is_dir() else resume.parent)))

@@ -159,6 +159,17 @@ BAD = {
     "unencodable prompt": (["sample", "{root}/run", "--prompt", "naïve"], "'ï'"),
     "missing corpus": (["prepare", "{root}/no_such.txt", "--out", "{root}/d"], "no_such.txt"),
     "bad tokenizer": (["prepare", "shakespeare", "--tokenizer", "words"], "tokenizer"),
+    # a run is never rewound, nor written anywhere but its own folder
+    "a run as config": (["train", "{root}/run"], "is a run, not a config: continue it with `minigpt train --resume"),
+    "a checkpoint as config": (["train", "{root}/run/ckpt.pt"], "is a run, not a config"),
+    "resume into another folder": (["train", "--resume", "{root}/run", "--set", "run.out_dir={root}/new"],
+                                   "continues in its own folder"),
+    "negative seed": (["train", "{debug}", "--set", "data.dir={data}", "--set", "run.out_dir={root}/new", "--set",
+                       "run.seed=-1"], "seed must be in [0, 2**64)"),
+    "seed past 64 bits": (["train", "{debug}", "--set", "data.dir={data}", "--set", "run.out_dir={root}/new",
+                           "--set", "run.seed=18446744073709551616"], "seed must be in [0, 2**64)"),
+    "empty out_dir": (["train", "{debug}", "--set", "data.dir={data}", "--set", "run.out_dir="], "out_dir must name"),
+    "sample seed past 64 bits": (["sample", "{root}/run", "--seed", "99999999999999999999999"], "--seed must be in"),
     # sequence to sequence
     "beams 0": (["sample", "{root}/pairs_run", "--prompt", "abc", "--beams", "0"], "--beams must be >= 1"),
     "beams over the vocabulary": (["sample", "{root}/pairs_run", "--prompt", "abc", "--beams", "1000"],

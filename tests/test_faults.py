@@ -549,7 +549,7 @@ def _float_text(x: float):
 
 INT_KEYS = {  # key: (smallest valid value, largest tried)
     "train.batch_size": (1, 10**6), "train.max_iters": (1, 10**9), "train.eval_iters": (1, 10**6),
-    "model.n_layer": (1, 1000), "run.seed": (-(2**40), 2**40), "run.keep_last": (0, 100),
+    "model.n_layer": (1, 1000), "run.seed": (0, 2**64 - 1), "run.keep_last": (0, 100),
     "optim.warmup_iters": (0, 10**6),
 }
 FLOAT_KEYS = {  # key: (low, high), both valid

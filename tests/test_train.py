@@ -301,3 +301,20 @@ def test_prefetched_batch_is_the_one_get_would_make_and_train_step_prefetches_th
     train.train_step(model, optimizer, scaler, b, 4, rt, 1e-3, 2, 1.0)
     assert b.ready[0] == (5, 0)  # built during step 4, for step 5's first micro-batch
     assert torch.equal(b.ready[1][0], batches().get(5, 0)[0])
+
+
+def test_training_a_finished_run_longer_continues_at_min_lr(char_data, tmp_path):
+    """optim.lr_decay_iters = 0 follows the max_iters a run starts with, fixed in its checkpoint: raising
+    train.max_iters on a resume must not send the learning rate back up a re-stretched cosine."""
+    cfg = tiny_config(char_data, tmp_path / "run", train=dict(max_iters=8, eval_interval=4))
+    assert cfg.optim.lr_decay_iters == 0
+    train.train(cfg)
+    state = checkpoint.load_checkpoint(tmp_path / "run")
+    assert state["config"]["optim"]["lr_decay_iters"] == 8  # resolved once, at the start
+    from cli.config_loader import build_config
+
+    longer = build_config(train.Config, state["config"], ["train.max_iters=12"])  # what `--resume --set` builds
+    train.train(longer, checkpoint=state)
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "run") if "lr" in m]
+    assert len(lrs) == 12 and lrs[8:] == [cfg.optim.min_lr] * 4
+    assert max(lrs[4:]) <= lrs[4]  # never back up
