@@ -105,3 +105,26 @@ def tidy_run_dir(out_dir: Path, step: int) -> None:
             except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
                 pass
         atomic_write(metrics, lambda f: f.write("".join(kept).encode()))
+
+
+CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}  # a run folder's checkpoints, by --checkpoint name
+
+
+def find_checkpoint(run: str | Path, checkpoint: str | None = None) -> Path:
+    """The checkpoint file RUN names: a run folder's ckpt.pt (or best.pt with checkpoint='best'), or a checkpoint
+    file itself, e.g. a step-NNNNNNN.pt that run.keep_last kept."""
+    run = Path(run)
+    if checkpoint is not None and checkpoint not in CHECKPOINT_FILES:
+        raise UserError(f"--checkpoint must be 'latest' or 'best', got {checkpoint!r}")
+    if run.suffix == ".pt" and not run.is_dir():
+        if not run.is_file():
+            raise UserError(f"no checkpoint at {run}; pass a run folder or one of its .pt files")
+        if checkpoint is not None and CHECKPOINT_FILES[checkpoint] != run.name:
+            raise UserError(f"{run} is a checkpoint file and --checkpoint {checkpoint} names another: drop one of them")
+        return run
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; train one with `minigpt train CONFIG`")
+    path = run / CHECKPOINT_FILES[checkpoint or "latest"]
+    if checkpoint == "best" and not path.exists() and (run / "ckpt.pt").exists():
+        raise UserError(f"{run} has no best.pt yet (no evaluation has run); use --checkpoint latest")
+    return path

@@ -116,38 +116,16 @@ def per_batch(limit: int, length: int, vocab: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 # 2. What is evaluated: checked before anything is decoded, so that bad input costs no time and writes nothing
 
-CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
 
 
 @dataclass(frozen=True)
 class EvalPlan:
     run_dir: Path
-    checkpoint: str  # latest | best
+    checkpoint: Path  # the checkpoint file
     data_dir: Path
     meta: dict  # the dataset's meta.json
     pairs: bool  # a pairs dataset (else a token stream)
     split: str
-
-
-def locate_checkpoint(run: Path, checkpoint: str | None) -> tuple[Path, str]:
-    """(run folder, latest | best) of RUN: a run folder, or its ckpt.pt or best.pt."""
-    if checkpoint is not None and checkpoint not in CHECKPOINT_FILES:
-        raise UserError(f"--checkpoint must be 'latest' or 'best', got {checkpoint!r}")
-    if run.suffix == ".pt" and not run.is_dir():
-        named = {file: name for name, file in CHECKPOINT_FILES.items()}.get(run.name)
-        if named is None:
-            raise UserError(f"{run}: pass a run folder, or its ckpt.pt or best.pt (evaluating {run.name} is not "
-                            "supported)")
-        if checkpoint not in (None, named):
-            raise UserError(f"{run} is the {named} checkpoint, but --checkpoint says {checkpoint}; drop one of them")
-        run, checkpoint = run.parent, named
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist; train one with `minigpt train CONFIG`")
-    checkpoint = checkpoint or "latest"
-    path = run / CHECKPOINT_FILES[checkpoint]
-    if checkpoint == "best" and not path.exists() and (run / "ckpt.pt").exists():
-        raise UserError(f"{run} has no best.pt yet (no evaluation has run); use --checkpoint latest")
-    return run, checkpoint
 
 
 def describe_tokenizer(spec: dict) -> str:
@@ -160,12 +138,12 @@ def describe_tokenizer(spec: dict) -> str:
 def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out: Path | None,
                checkpoint: str | None) -> EvalPlan:
     """The run's checkpoint and the dataset, checked against each other and against the options."""
-    from checkpoint import load_checkpoint
+    from checkpoint import find_checkpoint, load_checkpoint
     from pairs import PAIR_SPLITS, check_pairs_meta, is_pairs
     from prepare_data import SPLITS, read_meta
 
-    run_dir, checkpoint = locate_checkpoint(run, checkpoint)
-    state = load_checkpoint(run_dir / CHECKPOINT_FILES[checkpoint])
+    checkpoint = find_checkpoint(run, checkpoint)
+    state = load_checkpoint(checkpoint)
     config, tokenizer = state["config"], state.get("tokenizer") or {}
     run_kind = (state.get("data") or {}).get("kind", "tokens")
     special = (state.get("data") or {}).get("special_tokens")
@@ -208,7 +186,7 @@ def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out:
     vocab = model.get("vocab_size", 0)
     if beams is not None and beams > vocab:
         raise UserError(f"--beams ({beams}) is larger than the vocabulary ({vocab} ids); use fewer")
-    return EvalPlan(run_dir, checkpoint, data, meta, pairs, split)
+    return EvalPlan(checkpoint.parent, checkpoint, data, meta, pairs, split)
 
 
 def check_options(beams: int | None, length_penalty: float | None, max_examples: int | None,
@@ -334,8 +312,8 @@ def evaluate_stream(run, plan: EvalPlan, max_examples: int | None, progress: boo
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val", beams: int | None = None,
                  length_penalty: float | None = None, max_examples: int | None = None, out: str | Path | None = None,
                  checkpoint: str | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate a run (its folder, or its ckpt.pt / best.pt) on a split of a dataset (by default the one it trained
-    on). Pairs: {examples, exact_match, token_accuracy, loss, bleu, chrf}; greedy decoding, or the best of a beam
+    """Evaluate a run (its folder, or one of its checkpoint files) on a split of a dataset (by default the one it
+    trained on). Pairs: {examples, exact_match, token_accuracy, loss, bleu, chrf}; greedy decoding, or the best of a beam
     search with `beams`; `out` receives one JSON line per example. Token stream: {tokens, loss, perplexity,
     bits_per_byte}. Both also carry split, data and checkpoint_step (and beams, for pairs; 1 = greedy). Non-finite
     values come back as None. Raises UserError for bad input before any work is done, and writes nothing then."""
@@ -346,7 +324,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     check_options(beams, length_penalty, max_examples, out)
     resolve_device(device)  # a bad --device is a one-line error before anything is read
     plan = check_plan(run, Path(data) if data is not None else None, split, beams, out, checkpoint)
-    loaded = sample.load_for_inference(plan.run_dir, checkpoint=plan.checkpoint, device=device)
+    loaded = sample.load_for_inference(plan.checkpoint, device=device)
     if plan.pairs:
         metrics, rows = evaluate_pairs(loaded, plan, beams, 1.0 if length_penalty is None else length_penalty,
                                        max_examples, progress)

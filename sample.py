@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint
 from beam_search import beam_search
 from encoder_decoder import EncoderDecoder, build_model
 from model import GPT, GPTConfig, KVCache
@@ -80,18 +80,11 @@ def inference_runtime(model: GPT, device: str = "auto") -> Runtime:
     return rt
 
 
-def load_for_inference(run_dir: str | Path, checkpoint: str = "latest", device: str = "auto") -> LoadedRun:
-    """The model (eval mode, on the device) and tokenizer of a run, from ckpt.pt ('latest') or best.pt."""
+def load_for_inference(run: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
+    """The model (eval mode, on the device) and tokenizer of a run: a run folder's ckpt.pt ('latest', the default)
+    or best.pt ('best'), or a checkpoint file given itself (e.g. a step-NNNNNNN.pt)."""
     resolve_device(device)  # a bad --device is a one-line error before anything is read
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; train one with `minigpt train CONFIG`")
-    names = {"latest": "ckpt.pt", "best": "best.pt"}
-    if checkpoint not in names:
-        raise UserError(f"--checkpoint must be 'latest' or 'best', got {checkpoint!r}")
-    path = run_dir / names[checkpoint]
-    if checkpoint == "best" and not path.exists() and (run_dir / "ckpt.pt").exists():
-        raise UserError(f"{run_dir} has no best.pt yet (no evaluation has run); use --checkpoint latest")
+    path = find_checkpoint(run, checkpoint)
     state = load_checkpoint(path)
     saved = state["config"].get("model", {})
     unknown = sorted(set(saved) - {f.name for f in fields(GPTConfig)})

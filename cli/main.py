@@ -137,7 +137,7 @@ def train(
 
 @app.command()
 def sample(
-    run_dir: Path = typer.Argument(..., help="a run folder written by `minigpt train`"),
+    run_dir: Path = typer.Argument(..., help="a run folder written by `minigpt train`, or one of its .pt files"),
     prompt: str = typer.Option("", help="text to continue [default: start of text]"),
     prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this file"),
     num_samples: int = typer.Option(1, help="how many samples to generate"),
@@ -147,7 +147,8 @@ def sample(
     top_p: Optional[float] = typer.Option(None, help="nucleus sampling threshold (1 = off)"),
     seed: Optional[int] = typer.Option(None, help="random seed: the same seed gives the same text"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
-    checkpoint: str = typer.Option("latest", help="latest (ckpt.pt) | best (best.pt)"),
+    checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt, the default) | best (best.pt) of a run "
+                                              "folder"),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="recompute the whole context every token"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (a CUDA graph on a GPU): "
                                  "faster tokens after a compile of seconds to a minute"),
@@ -211,7 +212,7 @@ def sample(
 
 @app.command("eval")
 def eval_(
-    run: Path = typer.Argument(..., help="a run folder written by `minigpt train` (or its ckpt.pt or best.pt)"),
+    run: Path = typer.Argument(..., help="a run folder written by `minigpt train`, or one of its .pt files"),
     data: Optional[Path] = typer.Option(None, help="the dataset to evaluate on [default: the one the run trained on]"),
     split: str = typer.Option("val", help="val | train | length (generated tasks: longer inputs than train's)"),
     beams: Optional[int] = typer.Option(None, help="decode with beam search, keeping the best of this many beams "
@@ -324,7 +325,7 @@ def bench_sample(
     if target.is_dir() or target.suffix == ".pt":
         if set_:
             raise UserError("--set changes a config; a run's model is what it was trained as (pass a TOML config)")
-        run = sampler.load_for_inference(target if target.is_dir() else target.parent, device=device or "auto")
+        run = sampler.load_for_inference(target, device=device or "auto")
         model, rt = run.model, run.rt
         if run.pairs:
             raise UserError(f"bench sample times continuing a prompt; {target} decodes targets for sources: "

@@ -210,6 +210,26 @@ def test_encoder_decoder_sample_prints_one_target_per_line_the_same_with_and_wit
     assert beams.exit_code == 0 and len(beams.stdout.splitlines()) == 3, beams.output
 
 
+def test_a_kept_step_checkpoint_can_be_sampled_and_evaluated(char_data, tmp_path):
+    """run.keep_last keeps step-NNNNNNN.pt files: a checkpoint file is accepted wherever a run is."""
+    runner = CliRunner()
+    result = runner.invoke(app, [str(a) for a in debug_args(char_data, tmp_path / "run", "--set", "train.max_iters=4",
+                                                            "--set", "train.eval_interval=2", "--set", "run.keep_last=2")])
+    assert result.exit_code == 0, result.output
+    step2 = tmp_path / "run" / "step-0000002.pt"
+    assert step2.is_file()
+    args = ["--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20"]
+    early = runner.invoke(app, ["sample", str(step2), *args])
+    latest = runner.invoke(app, ["sample", str(tmp_path / "run"), *args])
+    assert early.exit_code == 0 and latest.exit_code == 0, early.output + latest.output
+    assert early.stdout != latest.stdout  # the weights of step 2, not of the last step
+    ev = runner.invoke(app, ["eval", str(step2), "--max-examples", "2", "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout.splitlines()[-1])["checkpoint_step"] == 2
+    bad = runner.invoke(app, ["sample", str(step2), "--checkpoint", "best"])
+    assert bad.exit_code == 2 and "drop one of them" in bad.stderr
+
+
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, case):
     root, data = workspace

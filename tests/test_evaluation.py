@@ -302,7 +302,7 @@ BAD = {
     "max examples 0": (["{pairs}", "--max-examples", "0"], "--max-examples must be >= 1"),
     "missing run": (["{ws}/nowhere"], "run directory"),
     "run without checkpoint": (["{ws}/empty"], "no checkpoint"),
-    "other checkpoint file": (["{pairs}/step-0000200.pt"], "ckpt.pt or best.pt"),
+    "missing checkpoint file": (["{pairs}/step-0000200.pt"], "no checkpoint at"),
     "missing data": (["{pairs}", "--data", "{ws}/nodata"], "does not exist"),
     "other tokenizer": (["{pairs}", "--data", "{add}"], "another tokenizer (char, 11 characters) than"),
     "out in a missing folder": (["{pairs}", "--out", "{ws}/no/such/p.jsonl"], "does not exist"),
