@@ -214,6 +214,14 @@ class Logger:
             self.wandb.finish()
 
 
+def eta_seconds(step: int, train: TrainConfig, step_time: float, eval_time: float) -> float:
+    """Time left at a progress line for `step` (its evaluation, if it has one, still to come): the steps after it,
+    and the evaluations from it on (each as long as the last one)."""
+    evals = train.max_iters // train.eval_interval - (step - 1) // train.eval_interval
+    evals += train.max_iters % train.eval_interval != 0  # the final step evaluates too
+    return (train.max_iters - step) * step_time + evals * eval_time
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rest = divmod(seconds, 3600)
@@ -465,6 +473,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         print(f"model: {model.num_params() / 1e6:.2f}M parameters | {rt.world_size} x {rt.device} "
               f"{str(rt.dtype).removeprefix('torch.')} | {tokens_per_step:,} tokens/step | "
               + (f"resuming at step {step}" if step else "from scratch"), flush=True)
+        if step >= cfg.train.max_iters:
+            print(f"the run has already trained its train.max_iters = {cfg.train.max_iters} steps: nothing to do; to "
+                  f"train it longer, --set train.max_iters={2 * cfg.train.max_iters} (for example)", flush=True)
 
     def state() -> dict | None:
         """The checkpoint; under FSDP every process must call this (the weights are gathered), rank 0 gets it."""
@@ -500,6 +511,8 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                             "is intact: free some space (or fix the permissions) and resume") from None
 
     last_eval, stopped_by, bad_in_a_row, skipped = None, None, 0, 0
+    saved_at = step if checkpoint is not None else None  # the step the checkpoint on disk holds
+    eval_time = 0.0  # seconds the last evaluation took: the ETA counts the evaluations still to come
     step_time, windows_logged, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     with ExitStack() as cleanup:
         logger = None  # the lock, the log and the files belong to the first process
@@ -545,7 +558,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                 windows_logged += 1
                 tok_s = tokens_per_step / step_time
                 mfu = flops_per_step / step_time / peak if peak else None
-                eta = format_duration((cfg.train.max_iters - step) * step_time)
+                eta = format_duration(eta_seconds(step, cfg.train, step_time, eval_time))
                 if rt.is_main:
                     print(f"step {step:>6}/{cfg.train.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                           f"{tok_s:,.0f} tok/s | " + (f"mfu {100 * mfu:.1f}% | " if mfu else "") + f"eta {eta}",
@@ -558,7 +571,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                 stopped_by = stop.requested or "a signal to another process"
                 break
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
+                eval_start = time.perf_counter()
                 last_eval = evaluate(step_model, cfg, meta, rt)
+                eval_time = time.perf_counter() - eval_start
                 improved = last_eval["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, last_eval["val"])
                 if rt.is_main:
@@ -567,8 +582,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                     logger.record(step, train_loss=last_eval["train"], val_loss=last_eval["val"],
                                   best_val_loss=best_val_loss)
                 save(improved=improved, evaluated=True)
+                saved_at = step
                 window_start, window_steps = time.perf_counter(), 0  # eval time is not training speed
-        if stopped_by or step % cfg.train.eval_interval:  # work since the last checkpoint must not be lost
+        if step != saved_at:  # work since the last checkpoint must not be lost
             save()
     if stopped_by and rt.is_main:
         print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out_dir}/ckpt.pt\n"

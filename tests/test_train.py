@@ -318,3 +318,25 @@ def test_training_a_finished_run_longer_continues_at_min_lr(char_data, tmp_path)
     lrs = [m["lr"] for m in read_metrics(tmp_path / "run") if "lr" in m]
     assert len(lrs) == 12 and lrs[8:] == [cfg.optim.min_lr] * 4
     assert max(lrs[4:]) <= lrs[4]  # never back up
+
+
+def test_a_run_saves_its_final_step_once_and_a_finished_run_says_so(char_data, tmp_path, monkeypatch, capsys):
+    saves = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (saves.append(state["step"]), real(path, state)))
+    cfg = tiny_config(char_data, tmp_path / "run", train=dict(max_iters=6, eval_interval=4))
+    train.train(cfg)
+    assert saves == [4, 6]  # the evaluation at the last step saves it; nothing saves it again
+    capsys.readouterr()
+    train.train(cfg, checkpoint=checkpoint.load_checkpoint(tmp_path / "run"))
+    assert saves == [4, 6]  # a finished run resumed writes nothing
+    assert "already trained its train.max_iters = 6 steps" in capsys.readouterr().out
+
+
+def test_the_eta_counts_the_evaluations_to_come():
+    t = train.TrainConfig(max_iters=10, eval_interval=4)
+    assert train.eta_seconds(1, t, 1.0, 100.0) == 9 + 3 * 100  # evaluations at 4, 8 and the final 10
+    assert train.eta_seconds(4, t, 1.0, 100.0) == 6 + 3 * 100  # step 4's own evaluation is still to come
+    assert train.eta_seconds(5, t, 1.0, 100.0) == 5 + 2 * 100
+    assert train.eta_seconds(10, t, 1.0, 100.0) == 0 + 1 * 100
+    assert train.eta_seconds(8, train.TrainConfig(max_iters=8, eval_interval=4), 1.0, 10.0) == 10
