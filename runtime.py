@@ -10,6 +10,7 @@ import ctypes
 import functools
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -208,14 +209,20 @@ GPU_PEAK_FLOPS = {
 }
 
 
+def gpu_peak_flops(name: str) -> tuple[float, float] | None:
+    """(16-bit, float32) peak FLOP/s of the GPU torch names, e.g. "NVIDIA H100 80GB HBM3", or None when it is not in
+    the table. A key matches as a whole word, longest first: an L40 is not an L4, an A10G not an A10."""
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return GPU_PEAK_FLOPS[key]
+    return None
+
+
 def device_peak_flops(rt: Runtime) -> float | None:
     """The device's peak FLOP/s in the run's dtype: from the table on GPUs, measured on a CPU."""
     if rt.device.type == "cuda":
-        name = torch.cuda.get_device_name(rt.device)
-        for key, (half, single) in GPU_PEAK_FLOPS.items():  # longest names first where they share a prefix
-            if key in name:
-                return single if rt.dtype == torch.float32 else half
-        return None
+        peaks = gpu_peak_flops(torch.cuda.get_device_name(rt.device))
+        return None if peaks is None else peaks[1] if rt.dtype == torch.float32 else peaks[0]
     if rt.device.type == "cpu":
         return cpu_matmul_flops(rt.dtype, torch.get_num_threads())
     return None

@@ -340,3 +340,14 @@ def test_the_eta_counts_the_evaluations_to_come():
     assert train.eta_seconds(5, t, 1.0, 100.0) == 5 + 2 * 100
     assert train.eta_seconds(10, t, 1.0, 100.0) == 0 + 1 * 100
     assert train.eta_seconds(8, train.TrainConfig(max_iters=8, eval_interval=4), 1.0, 10.0) == 10
+
+
+def test_gpu_peaks_match_whole_names_only():
+    assert runtime.gpu_peak_flops("NVIDIA H100 80GB HBM3") == runtime.GPU_PEAK_FLOPS["H100"]
+    assert runtime.gpu_peak_flops("NVIDIA H100 PCIe") == runtime.GPU_PEAK_FLOPS["H100 PCIe"]
+    assert runtime.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == runtime.GPU_PEAK_FLOPS["A100"]
+    assert runtime.gpu_peak_flops("NVIDIA A10G") == runtime.GPU_PEAK_FLOPS["A10G"]
+    assert runtime.gpu_peak_flops("NVIDIA L4") == runtime.GPU_PEAK_FLOPS["L4"]
+    assert runtime.gpu_peak_flops("NVIDIA L40S") == runtime.GPU_PEAK_FLOPS["L40S"]
+    assert runtime.gpu_peak_flops("NVIDIA L40") is None  # not an L4: no figure rather than a wrong one
+    assert runtime.gpu_peak_flops("NVIDIA GeForce RTX 4090") == runtime.GPU_PEAK_FLOPS["4090"]
