@@ -72,7 +72,6 @@ class Batches(BatchSource):
                  device: torch.device, seed: int):
         self.data_dir, self.meta, self.split = Path(data_dir), meta, split
         self.batch_size, self.model, self.device, self.seed = batch_size, model, device, seed
-        self.block_size = model.block_size
         self.n_tokens = meta[f"{split}_tokens"]
         if self.n_tokens < self.window:
             raise UserError(
@@ -85,15 +84,15 @@ class Batches(BatchSource):
         """Tokens read per example: a context, and the target of its last position."""
         return self.model.block_size + 1
 
-    def windows(self, generator: torch.Generator, length: int) -> torch.Tensor:
-        """batch_size random windows (B, length) of the split, as int64."""
+    def windows(self, generator: torch.Generator) -> torch.Tensor:
+        """batch_size random windows (B, window) of the split, as int64."""
         data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
-        starts = torch.randint(self.n_tokens - length + 1, (self.batch_size,), generator=generator)
-        return torch.from_numpy(np.stack([data[i:i + length] for i in starts.tolist()]).astype(np.int64))
+        starts = torch.randint(self.n_tokens - self.window + 1, (self.batch_size,), generator=generator)
+        return torch.from_numpy(np.stack([data[i:i + self.window] for i in starts.tolist()]).astype(np.int64))
 
     def make(self, step: int, micro: int) -> Batch:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step, micro))
-        xy = self.windows(generator, self.window)  # (B, T + 1)
+        xy = self.windows(generator)  # (B, T + 1)
         return to_device(self.objective(xy[:, :-1], xy[:, 1:], generator), self.device)
 
     def objective(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +245,7 @@ class SpanCorruptionBatches(Batches):
 
     def make(self, step: int, micro: int) -> Batch:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step, micro))
-        examples = [span_corruption(w, self.special, generator) for w in self.windows(generator, self.window).tolist()]
+        examples = [span_corruption(w, self.special, generator) for w in self.windows(generator).tolist()]
         pairs = [(np.array(s), np.array(t[:-1])) for s, t in examples]  # collate_pairs adds the end token back
         return to_device(collate_pairs(pairs, self.model, self.special), self.device)
 

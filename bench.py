@@ -31,7 +31,7 @@ import torch
 
 import train
 from batches import BatchSource, batch_source, positions_per_example
-from encoder_decoder import build_model, model_flops_per_token
+from encoder_decoder import build_model
 from model import GPT, GPTConfig, KVCache
 from pairs import is_pairs
 from prepare_data import UserError, read_meta
@@ -121,10 +121,8 @@ def time_training(cfg: train.Config, rt: Runtime, meta: dict | None, steps: int,
     if meta is not None:
         batches = batch_source(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, cfg.train.objective,
                                rt.device, cfg.run.seed)
-        seq_len, source_len = positions_per_example(meta, cfg.model, cfg.train.objective)
     else:
         batches = RandomBatches(cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size, rt.device)
-        seq_len, source_len = float(cfg.model.block_size), 0.0
     micro_steps = train.micro_steps_per_process(cfg, rt)
     peak = device_peak_flops(rt)
     model.train()
@@ -143,9 +141,7 @@ def time_training(cfg: train.Config, rt: Runtime, meta: dict | None, steps: int,
         torch.cuda.reset_peak_memory_stats(rt.device)
     seconds = run(warmup, steps)
     step_s = seconds / steps
-    sequences = cfg.train.batch_size * cfg.train.grad_accum  # per step, over all micro-steps and processes
-    tokens = round(sequences * seq_len)  # a token stream: cfg.tokens_per_step
-    flops_per_step = model_flops_per_token(model, seq_len, source_len) * sequences * seq_len
+    tokens, flops_per_step = train.step_cost(cfg, meta, model)  # what train.py logs
     flops = flops_per_step / step_s
     result = {
         "params": model.num_params(), "tokens_per_step": tokens,
@@ -154,6 +150,8 @@ def time_training(cfg: train.Config, rt: Runtime, meta: dict | None, steps: int,
         "mfu": flops / (peak * rt.world_size) if peak else None, "peak_mem_mb": peak_memory_mb(rt.device),
     }
     if meta is not None and is_pairs(meta):
+        seq_len, source_len = positions_per_example(meta, cfg.model, cfg.train.objective)
+        sequences = cfg.train.batch_size * cfg.train.grad_accum  # per step, over all micro-steps and processes
         target_tokens = sequences * (meta["length_stats"]["train"]["target"]["mean"] + 1)  # each target and its end
         result.update({
             "decoder_positions": seq_len, "encoder_positions": source_len,  # the mean per example

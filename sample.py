@@ -419,8 +419,6 @@ def sample_targets(run: LoadedRun, source: str, num_samples: int, sc: SampleConf
     return texts
 
 if __name__ == "__main__":
-    import sys
-
     from cli.main import app
 
     app(["sample", *sys.argv[1:]], prog_name="sample.py")

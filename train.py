@@ -383,6 +383,15 @@ def with_vocab(cfg: Config) -> tuple[Config, str | None]:
     return replace(cfg, model=replace(cfg.model, vocab_size=50304)), note + "; assuming GPT-2's vocabulary (50,304 padded)"
 
 
+def step_cost(cfg: Config, meta: dict | None, model: torch.nn.Module) -> tuple[int, float]:
+    """Tokens and training FLOPs of one optimizer step: a token stream (or no data: random tokens) fills block_size;
+    pairs count the positions their examples take on average, not the padding to a batch's longest."""
+    seq_len, source_len = (positions_per_example(meta, cfg.model, cfg.train.objective) if meta is not None
+                           else (float(cfg.model.block_size), 0.0))
+    positions = cfg.train.batch_size * cfg.train.grad_accum * seq_len  # over all micro-steps and processes
+    return round(positions), model_flops_per_token(model, seq_len, source_len) * positions
+
+
 def micro_steps_per_process(cfg: Config, rt: Runtime) -> int:
     if cfg.train.grad_accum % rt.world_size:
         raise UserError(f"train.grad_accum ({cfg.train.grad_accum}) must be a multiple of the number of processes "
@@ -463,10 +472,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
     step_model = wrap_for_training(model, cfg, rt)
 
-    # a token stream fills block_size; pairs count the positions their examples take on average
-    seq_len, source_len = positions_per_example(meta, cfg.model, cfg.train.objective)
-    tokens_per_step = round(cfg.tokens_per_step * seq_len / cfg.model.block_size)
-    flops_per_step = model_flops_per_token(model, seq_len, source_len) * tokens_per_step
+    tokens_per_step, flops_per_step = step_cost(cfg, meta, model)
     peak = device_peak_flops(rt)
     peak = peak * rt.world_size if peak else None
     if rt.is_main:

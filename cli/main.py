@@ -183,9 +183,11 @@ def sample(
         if beams < 1:
             raise UserError(f"--beams must be >= 1, got {beams}")
         ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if given[k] is not None]
-        if temperature not in (None, 0) or ignored:  # beam search chooses by probability alone
-            raise UserError(f"beam search is deterministic: {', '.join(ignored + ['--temperature'] * (temperature not in (None, 0)))} "
-                            "does not apply to --beams; drop it (--temperature 0 is accepted)")
+        if temperature not in (None, 0):
+            ignored.append("--temperature")
+        if ignored:  # beam search chooses by probability alone
+            raise UserError(f"beam search is deterministic: {', '.join(ignored)} does not apply to --beams; drop it "
+                            "(--temperature 0 is accepted)")
         if num_samples > beams:
             raise UserError(f"--num-samples ({num_samples}) must be <= --beams ({beams}): it prints the best hypotheses")
     if compile and beams is not None:
