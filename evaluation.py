@@ -192,13 +192,9 @@ def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out:
 def check_options(beams: int | None, length_penalty: float | None, max_examples: int | None,
                   out: Path | None) -> None:
     """The options that need no file to be read."""
-    if beams is not None and beams < 1:
-        raise UserError(f"--beams must be >= 1 (1 = greedy), got {beams}")
-    if length_penalty is not None:
-        if beams is None:
-            raise UserError("--length-penalty ranks the hypotheses of a beam search: add --beams K")
-        if not math.isfinite(length_penalty):
-            raise UserError(f"--length-penalty must be a finite number, got {length_penalty}")
+    from sample import check_beam_options
+
+    check_beam_options(beams, length_penalty)
     if max_examples is not None and max_examples < 1:
         raise UserError(f"--max-examples must be >= 1, got {max_examples}")
     if out is not None:

@@ -374,8 +374,9 @@ def is_pairs_source(source: str) -> bool:
 
 
 def _check_seed(seed) -> int:
-    if not _is_int(seed):
-        raise UserError(f"--seed must be an integer, got {seed!r}; e.g. {DEFAULT_SEED}")
+    # >= 0: Python's random.seed takes the absolute value of an int, so -3 would make the same data as 3
+    if not _is_int(seed) or seed < 0:
+        raise UserError(f"--seed must be an integer >= 0, got {seed!r}; e.g. {DEFAULT_SEED}")
     return seed
 
 

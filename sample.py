@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -405,6 +406,17 @@ def check_source(run: LoadedRun, source: list[int]) -> None:
                         "shorten it")
     if not source:
         raise UserError("the source is empty: pass --prompt SOURCE")
+
+
+def check_beam_options(beams: int | None, length_penalty: float | None) -> None:
+    """--beams and --length-penalty, as sample and eval take them (None: not given)."""
+    if beams is not None and beams < 1:
+        raise UserError(f"--beams must be >= 1 (1 = greedy), got {beams}")
+    if length_penalty is not None:
+        if beams is None:
+            raise UserError("--length-penalty ranks the hypotheses of a beam search: add --beams K")
+        if not math.isfinite(length_penalty):
+            raise UserError(f"--length-penalty must be a finite number, got {length_penalty}")
 
 
 def sample_targets(run: LoadedRun, source: str, num_samples: int, sc: SampleConfig, beams: int = 0,

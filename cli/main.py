@@ -154,7 +154,8 @@ def sample(
                                  "faster tokens after a compile of seconds to a minute"),
     beams: Optional[int] = typer.Option(None, help="beam search with this many beams (deterministic; runs trained "
                                         "on pairs); 1 = greedy"),
-    length_penalty: float = typer.Option(1.0, help="beam search ranks hypotheses by log-probability / length^A"),
+    length_penalty: Optional[float] = typer.Option(None, help="beam search ranks hypotheses by log-probability / "
+                                                   "length^A [default: 1.0]"),
 ):
     """Generate text from a trained run, streaming it to the terminal; on a run trained on pairs, the target for
     the source given as --prompt, one line per sample."""
@@ -179,9 +180,8 @@ def sample(
                                   compile=compile)
     except ValueError as e:
         raise UserError(f"--{str(e).replace('_', '-')}") from None
+    sampler.check_beam_options(beams, length_penalty)
     if beams is not None:
-        if beams < 1:
-            raise UserError(f"--beams must be >= 1, got {beams}")
         ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if given[k] is not None]
         if temperature not in (None, 0):
             ignored.append("--temperature")
@@ -204,7 +204,8 @@ def sample(
         raise UserError(f"--compile compiles a token stream's decode step; {run_dir} decodes targets for sources "
                         "(trained on pairs): drop --compile")
     if run.pairs:
-        sampler.sample_targets(run, prompt, num_samples, sc, beams or 0, length_penalty, write=write)
+        sampler.sample_targets(run, prompt, num_samples, sc, beams or 0,
+                               1.0 if length_penalty is None else length_penalty, write=write)
     elif beams is not None:
         raise UserError(f"--beams decodes a target for a source: {run_dir} was trained on a token stream, not pairs; "
                         "drop --beams")

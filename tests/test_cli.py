@@ -185,6 +185,11 @@ BAD = {
                                      "--set", "run.out_dir={root}/new"], "span_corruption"),
     "eval a stream run on pairs": (["eval", "{root}/run", "--data", "{root}/copy"], "token stream"),
     "unknown task": (["prepare", "task:juggle", "--out", "{root}/d"], "unknown task 'juggle'"),
+    "negative task seed": (["prepare", "task:add", "--seed", "-3", "--out", "{root}/d"], "--seed must be an integer >= 0"),
+    "length penalty without beams": (["sample", "{root}/pairs_run", "--prompt", "abc", "--length-penalty", "2"],
+                                     "add --beams K"),
+    "length penalty not a number": (["sample", "{root}/pairs_run", "--prompt", "abc", "--beams", "2",
+                                     "--length-penalty", "nan"], "finite"),
     # click's own parse errors, too
     "unknown option": (["train", "--bogus"], "No such option: --bogus (see: "),
     "unknown command": (["frobnicate"], "No such command 'frobnicate'"),
