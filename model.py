@@ -470,9 +470,10 @@ class MoE(nn.Module):
         top_p = (top_p / top_p.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
+            # Every expert runs, even on no tokens (a (0, C) input): its parameters then get zero gradients
+            # rather than none, as DDP and FSDP need every parameter in every backward on every process.
             token, slot = (top_e == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, top_p[token, slot, None] * expert(flat[token]))
+            out.index_add_(0, token, top_p[token, slot, None] * expert(flat[token]))
         # E · Σ_e (share of routing slots that went to e) · (mean router probability of e): 1 when balanced
         share = F.one_hot(top_e, probs.size(-1)).float().mean(dim=(0, 1))  # (E,)
         self.aux_loss = probs.size(-1) * (share * probs.mean(dim=0)).sum()

@@ -354,3 +354,56 @@ def test_a_finished_worker_exits_zero_with_its_output_flushed(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (0, "out", "err")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture of experts: an expert that no token of a process chose still takes part in its backward (with zero
+# gradients), as DDP and FSDP need every parameter in every backward on every process.
+
+# 8 experts, 1 per token, and micro-batches of 1 x 4 tokens: at most 4 experts of each layer get a token in a
+# micro-step, so at least 4 get none, on every process, every micro-step. No biases: with 4 tokens the attention
+# key bias, whose gradient is zero but for rounding, takes Adam steps from noise that differ by 1e-6 between runs.
+MOE = {"model.n_experts": 8, "model.experts_per_token": 1, "model.block_size": 4, "train.batch_size": 1,
+       "model.bias": False}
+
+
+def test_an_expert_without_tokens_gets_zero_gradients_not_none():
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, block_size=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0, n_experts=8,
+                          experts_per_token=1, mlp="swiglu", bias=True)).train()
+    rows = {}  # expert -> how many tokens it processed
+    for block in model.blocks:
+        for expert in block.mlp.experts:
+            rows[expert] = 0
+            expert.register_forward_hook(lambda m, args, out: rows.__setitem__(m, rows[m] + args[0].shape[0]))
+    idx = torch.randint(0, 16, (1, 4))
+    _, loss = model(idx, idx)
+    loss.backward()
+    idle = [expert for expert, n in rows.items() if n == 0]
+    assert idle, "4 tokens among 8 experts per layer: some expert must be idle"
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    for expert in idle:
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in expert.parameters())
+    busy = [expert for expert, n in rows.items() if n]
+    assert all(any(p.grad.abs().sum() > 0 for p in expert.parameters()) for expert in busy)
+
+
+@pytest.fixture(scope="module")
+def moe_reference(char_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("moe-reference")
+    return train_ok(1, char_data, root / "single", root, **MOE)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_experts_that_get_no_tokens_on_a_process_train_under_torchrun(strategy, moe_reference, char_data,
+                                                                       tmp_path):
+    import math
+
+    run = train_ok(2, char_data, tmp_path / strategy, tmp_path, **MOE, **{"run.distributed": strategy})
+    assert all(math.isfinite(v) for v in records(run, "loss").values())
+    assert_same_run(run, moe_reference)
