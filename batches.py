@@ -21,7 +21,7 @@ import torch
 
 from model import GPTConfig
 from pairs import SpecialTokens, open_pairs, special_tokens
-from prepare_data import UserError, open_split
+from prepare_data import UserError, open_split, token_id_error
 
 Batch = tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]
 
@@ -87,8 +87,20 @@ class Batches(BatchSource):
     def windows(self, generator: torch.Generator) -> torch.Tensor:
         """batch_size random windows (B, window) of the split, as int64."""
         data = open_split(self.data_dir, self.split, self.meta)  # a fresh memmap each batch: no leak over long runs
-        starts = torch.randint(self.n_tokens - self.window + 1, (self.batch_size,), generator=generator)
-        return torch.from_numpy(np.stack([data[i:i + self.window] for i in starts.tolist()]).astype(np.int64))
+        starts = torch.randint(self.n_tokens - self.window + 1, (self.batch_size,), generator=generator).tolist()
+        ids = np.stack([data[i:i + self.window] for i in starts])
+        self.check_ids(ids, starts)
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def check_ids(self, ids: np.ndarray, starts: list[int]) -> None:
+        """Every id of the batch (B, window), cut at `starts`, below vocab_size: what keeps a corrupt or foreign
+        .bin from indexing past the embedding. A run's start reads only a small split whole (check_token_ids),
+        so this is where a large one's bad id is found, when a batch first reaches it. One max over the batch
+        on the host: ~2 us, under 1% of cutting the batch from the memmap."""
+        vocab_size = self.meta["vocab_size"]
+        if ids.size and int(ids.max()) >= vocab_size:
+            b, col = np.unravel_index(int(np.argmax(ids >= vocab_size)), ids.shape)
+            raise token_id_error(self.data_dir / f"{self.split}.bin", int(ids[b, col]), starts[b] + int(col), vocab_size)
 
     def make(self, step: int, micro: int) -> Batch:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step, micro))
@@ -173,7 +185,8 @@ class PairBatches(BatchSource):
         if model.attn_mask == "bidirectional":
             raise UserError("a bidirectional (masked-LM) model does not train on pairs: use model.attn_mask=causal "
                             "or prefix, or model.arch=encoder_decoder")
-        self.pairs = open_pairs(data_dir, split, meta)
+        self.pairs = open_pairs(data_dir, split, meta)  # read whole: every id is checked here, at the run's start
+        self.pairs.check_ids(meta["tokenizer_vocab_size"])
         if self.pairs.n == 0:
             raise UserError(f"the {split} split of {data_dir} holds no pairs; prepare it again with more examples")
         check_pairs_fit((self.pairs.source_lengths, self.pairs.target_lengths), model, f"{data_dir} ({split})")

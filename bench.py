@@ -3,7 +3,7 @@ timed after warm-up (and compilation), on the configured device and dtype.
 
     bench_train(cfg, steps)  -> ms/step, tokens/s, achieved TFLOP/s, MFU, peak memory; on pairs also the time and
                                 FLOPs per target token, and an encoder-decoder beside the decoder-only model of its size
-    bench_sample(...)        -> prefill ms, decode tokens/s with and without the KV cache
+    bench_sample(...)        -> prefill ms and tokens/s, decode tokens/s with and without the KV cache
     compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately
 """
 
@@ -32,11 +32,11 @@ import torch
 import train
 from batches import BatchSource, batch_source, positions_per_example
 from encoder_decoder import build_model
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 from pairs import is_pairs
 from prepare_data import UserError, read_meta
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
-from sample import decode_steps
+from sample import decode_cache, decode_steps
 
 
 class RandomBatches(BatchSource):
@@ -165,18 +165,23 @@ def time_training(cfg: train.Config, rt: Runtime, meta: dict | None, steps: int,
 def bench_sample(model: GPT, rt: Runtime, batch: int = 1, prompt_len: int = 64, new_tokens: int = 200,
                  repeats: int = 3, compile: bool = False) -> dict:
     """Prefill time for a random prompt, then decode throughput with and without the KV cache, through the
-    same decode loop `minigpt sample` uses (top-k 200 sampling at temperature 1). `compile` compiles the cached
-    decode step; the warm-up decode pays for the compilation and is not timed."""
+    same decode loop `minigpt sample` uses (top-k 200 sampling at temperature 1). The prefill is that loop's
+    first step: the prompt's last block_size tokens (all that sampling keeps of a longer prompt) into the
+    sampler's KV cache, a sliding window's in window-sized chunks, and the first token drawn from them; its
+    tokens/s counts those `prefill_tokens`, not prompt_len. `compile` compiles the cached decode step; the
+    warm-up decode pays for the compilation and is not timed."""
     cfg = model.config
     model.eval()
     prompt = torch.randint(cfg.vocab_size, (batch, prompt_len), device=rt.device)
+    prefilled = min(prompt_len, cfg.block_size)  # decode_steps keeps prompt[:, -block_size:]
+    cache = decode_cache(model, batch, rt.device, rt.dtype)  # one cache for every timed prefill, as `sample` does
 
     def prefill() -> float:
-        cache = KVCache(cfg, batch, device=rt.device, dtype=rt.dtype)
+        steps = decode_steps(model, prompt, 1, cfg.vocab_size, temperature=1.0, top_k=200,
+                             generator=torch.Generator(device=rt.device).manual_seed(0), kv_cache=cache, rt=rt)
         sync(rt.device)
         t0 = time.perf_counter()
-        with rt.autocast():
-            model(prompt[:, -cfg.block_size:], kv_cache=cache)
+        next(steps)
         sync(rt.device)
         return time.perf_counter() - t0
 
@@ -199,9 +204,9 @@ def bench_sample(model: GPT, rt: Runtime, batch: int = 1, prompt_len: int = 64, 
     uncached = decode(False)
     return {
         "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."), "params": model.num_params(),
-        "compile": compile, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "context_end": prompt_len + new_tokens,
-        "prefill_ms": 1000 * prefill_s, "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "compile": compile, "batch": batch, "prompt_len": prompt_len, "prefill_tokens": prefilled,
+        "new_tokens": new_tokens, "context_end": prefilled + new_tokens,
+        "prefill_ms": 1000 * prefill_s, "prefill_tokens_per_s": batch * prefilled / prefill_s,
         "decode_tokens_per_s": cached, "decode_tokens_per_s_no_cache": uncached, "kv_cache_speedup": cached / uncached,
     }
 

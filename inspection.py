@@ -1,15 +1,17 @@
 """What a model configuration costs, before training it: parameters, FLOPs, KV cache and activation memory.
 
-Pure functions of a `GPTConfig` (plus a batch size and a dtype name); `minigpt inspect` calls `inspect_model`
-and prints `format_report` of it (or the dict itself as JSON). Top to bottom:
+Pure functions of a `GPTConfig` (plus a batch size and a dtype name: "auto" is what training picks on this
+machine); `minigpt inspect` calls `inspect_model` and prints `format_report` of it (or the dict itself as JSON).
+Top to bottom:
 
     parameters    counted from the real model (a GPT or an encoder-decoder) built on the meta device (no memory,
                   exact), grouped by name
     FLOPs         the model's own `flops_per_token`: one formula for training (6·N + attention), forward = ⅓;
                   an encoder-decoder's per target token, its encoder's share spread over the target
-    KV cache      2 (k and v) · layers · kv heads · head size · bytes, per token and for a full context,
-                  next to plain multi-head attention without a window; an encoder-decoder's decoder also keeps
-                  every layer's cross-attention keys and values of the source (`cross_cache_bytes`)
+    KV cache      2 (k and v) · layers · kv heads · head size · bytes, per token and for the positions a sampler
+                  allocates (a sliding window's: min(block, 2 × window)), next to plain multi-head attention
+                  without a window; an encoder-decoder's decoder also keeps every layer's cross-attention keys
+                  and values of the source (`cross_cache_bytes`)
     activations   an estimate of what one training micro-batch keeps for the backward pass, with and
                   without gradient checkpointing (Korthikanti et al. 2022, adapted; see `activation_bytes`,
                   and `encoder_decoder_activation_bytes` for both stacks and cross-attention)
@@ -19,17 +21,43 @@ from __future__ import annotations
 
 import torch
 
+import runtime
 from encoder_decoder import EncoderDecoder, build_model, encoder_config
 from model import GPT, GPTConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-AUTO_DTYPE = "bfloat16"  # what run.dtype = "auto" picks on a recent GPU; the report is for that
 
 
-def resolve_dtype(name: str) -> tuple[str, str | None]:
-    """The dtype to report for run.dtype `name`, and a note when "auto" had to be guessed."""
+def auto_dtype(cfg: GPTConfig, device: str = "auto") -> tuple[str, str]:
+    """What run.dtype = "auto" trains this model in on `device` (run.device; auto: this machine's default), and
+    where: the rule of runtime.setup_runtime (a CUDA GPU: bfloat16, or float16 where it lacks bfloat16; a CPU:
+    bfloat16 when it multiplies it natively and the model is at least CPU_BF16_MIN_WIDTH wide, else float32;
+    MPS: float32)."""
+    kind = device.partition(":")[0]
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():  # training would refuse; report what a GPU picks
+            return "bfloat16", "a CUDA GPU (this machine has none)"
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16"), "this machine's GPU"
+    if kind == "mps":
+        return "float32", "MPS"
+    if not runtime.cpu_has_bf16():
+        return "float32", "this CPU, which has no native bfloat16"
+    if cfg.n_embd < runtime.CPU_BF16_MIN_WIDTH:
+        return "float32", f"this CPU for a model under {runtime.CPU_BF16_MIN_WIDTH} wide"
+    return "bfloat16", "this CPU, which multiplies bfloat16 natively"
+
+
+def resolve_dtype(name: str, cfg: GPTConfig, device: str = "auto") -> tuple[str, str | None]:
+    """The dtype to report for run.dtype `name`, and for "auto" a note saying which one training picks on
+    `device` (`auto_dtype`) and, off a GPU, what a GPU would pick."""
     if name == "auto":
-        return AUTO_DTYPE, f"run.dtype is auto: reporting for {AUTO_DTYPE} (a GPU's choice; a CPU runs float32)"
+        dtype, where = auto_dtype(cfg, device)
+        note = f"run.dtype is auto: reporting for {dtype}, what training picks on {where}"
+        if "GPU" not in where:
+            note += "; a CUDA GPU picks bfloat16 (float16 where it lacks it)"
+        return dtype, note
     if name not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {name!r}; expected auto or one of {', '.join(DTYPE_BYTES)}")
     return name, None
@@ -151,27 +179,44 @@ def format_ratio(r: float) -> str:
     return f"{r:.1f}x" if float(r).is_integer() else f"{r:.3g}x"
 
 
+def sampler_cache_slots(cfg: GPTConfig) -> int:
+    """The positions per row of the KV cache a sampler allocates (model.KVCache's max_len). `minigpt sample`
+    (sample.decode_cache) keeps two prefill chunks: a causal sliding window's prompt goes in a window at a time,
+    and the window - 1 keys before a chunk must survive its writes, so min(block_size, 2 x window) slots; a
+    prefix-LM prefills its whole block at once (block_size). Pair decoding (sample.PairDecoder: an
+    encoder-decoder's decoder, or a decoder-only model trained on pairs) keeps block_size."""
+    if cfg.arch == "encoder_decoder" or cfg.attn_mask != "causal":
+        return cfg.block_size
+    return min(cfg.block_size, 2 * cfg.window)
+
+
 def kv_cache_bytes(cfg: GPTConfig, batch_size: int, dtype: str) -> dict:
     """Bytes of keys and values that sampling keeps, per token and for a full context, beside plain
-    multi-head attention (kv heads = heads, no window). A full context is the tokens a query can see,
-    min(block_size, window): no query needs older keys (model.KVCache's ring overwrites them; sample.py
-    allocates min(block_size, 2 x window) slots so that a prompt can be prefilled a window at a time)."""
+    multi-head attention (kv heads = heads, no window). A full context is the cache the sampler allocates,
+    `sampler_cache_slots`: block_size positions, or with a sliding window min(block_size, 2 x window)
+    (model.KVCache's ring overwrites keys no query needs any more, but a prefill chunk of a window needs room
+    beside the window before it), so a window saves block_size / (2 x window), not block_size / window.
+    `context` is what one query sees, min(block_size, window)."""
     elem = DTYPE_BYTES[dtype]
     per_token = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_size * elem
     mha_per_token = 2 * cfg.n_layer * cfg.n_head * cfg.head_size * elem
     context = min(cfg.block_size, cfg.window)
-    full = per_token * context * batch_size
+    slots = sampler_cache_slots(cfg)
+    full = per_token * slots * batch_size
     mha_full = mha_per_token * cfg.block_size * batch_size
     savings = []
     if cfg.kv_heads != cfg.n_head:
         kind = "MQA" if cfg.kv_heads == 1 else "GQA"
         savings.append(f"{kind} {cfg.kv_heads}/{cfg.n_head} heads: {format_ratio(cfg.n_head / cfg.kv_heads)} smaller")
-    if context < cfg.block_size:
-        savings.append(f"window {context}/{cfg.block_size}: {format_ratio(cfg.block_size / context)} smaller")
+    if slots < cfg.block_size:
+        savings.append(f"window {context}/{cfg.block_size}, {slots} slots: {format_ratio(cfg.block_size / slots)} smaller")
+    elif context < cfg.block_size:
+        savings.append(f"window {context}/{cfg.block_size}: none, the sampler keeps {slots} slots")
     return {
         "dtype": dtype,
         "bytes_per_token": per_token,
         "context": context,
+        "slots": slots,
         "batch_size": batch_size,
         "bytes_full_context": full,
         "mha_bytes_per_token": mha_per_token,
@@ -313,11 +358,13 @@ def encoder_decoder_activation_bytes(cfg: GPTConfig, batch_size: int, dtype: str
 # The report
 
 
-def inspect_model(cfg: GPTConfig, batch_size: int, dtype: str = "auto", notes: list[str] = ()) -> dict:
-    """Everything above as one plain dict (what `minigpt inspect --json` prints)."""
+def inspect_model(cfg: GPTConfig, batch_size: int, dtype: str = "auto", notes: list[str] = (),
+                  device: str = "auto") -> dict:
+    """Everything above as one plain dict (what `minigpt inspect --json` prints); `device` (run.device) only
+    decides what dtype = "auto" is."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    dtype, dtype_note = resolve_dtype(dtype)
+    dtype, dtype_note = resolve_dtype(dtype, cfg, device)
     model = meta_model(cfg)
     encoder_decoder = cfg.arch == "encoder_decoder"
     report = {
@@ -390,8 +437,9 @@ def format_report(report: dict) -> str:
     rows.append(("training (3 x forward)", f"{flops['training']:,.0f}", human_count(flops["training"])))
     rows.append(f"{'decoder self-attention ' if cross else ''}KV cache for sampling ({kv['dtype']}, batch {kv['batch_size']})")
     rows.append(("per token", f"{kv['bytes_per_token']:,}", human_bytes(kv["bytes_per_token"])))
-    rows.append((f"full context ({kv['context']} tokens)", f"{kv['bytes_full_context']:,}",
-                 human_bytes(kv["bytes_full_context"])))
+    full = (f"full context ({kv['slots']} tokens)" if kv["slots"] == kv["context"] else
+            f"full context ({kv['slots']} slots, window {kv['context']})")
+    rows.append((full, f"{kv['bytes_full_context']:,}", human_bytes(kv["bytes_full_context"])))
     rows.append(("plain multi-head, per token", f"{kv['mha_bytes_per_token']:,}", human_bytes(kv["mha_bytes_per_token"])))
     rows.append(("plain multi-head, full context", f"{kv['mha_bytes_full_context']:,}",
                  human_bytes(kv["mha_bytes_full_context"])))

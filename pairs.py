@@ -157,7 +157,8 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
     splits: {"train": [(source ids, target ids), ...], "val": [...], optionally "length": [...]}, tokenizer ids
     only, every source and target at least one token. meta must hold the tokenizer spec, tokenizer_vocab_size,
     source, source_sha256, val_fraction and tokenizer_kind; this adds format_version, kind, vocab_size,
-    dtype, special_tokens, splits, train_tokens/val_tokens, length_stats and task (None unless given).
+    dtype, special_tokens, splits, train_tokens/val_tokens, length_stats, max_token_id (each split's largest id)
+    and task (None unless given).
     Files go through prepare_data.write_files: temp files first, meta.json last, a token-stream dataset's or
     an earlier pairs run's other files removed.
     """
@@ -195,6 +196,8 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
         "train_tokens": int(arrays["train"][0].size),
         "val_tokens": int(arrays["val"][0].size),
         "length_stats": {s: length_stats(idx.astype(np.int64)) for s, (_, idx) in arrays.items()},
+        # checked above; a run trusts this record instead of reading a large split whole (check_pair_ids)
+        "max_token_id": {s: int(ids.max()) for s, (ids, _) in arrays.items()},
         "tokenizer": meta["tokenizer"],  # last: for bpe it holds the whole ranks text
     }
     prepare_data._check_meta(full, out_dir)
@@ -235,6 +238,16 @@ class PairSplit:
         mid = start + int(self.source_lengths[i])
         return self.tokens[start:mid].astype(np.int64), self.tokens[mid:mid + int(self.target_lengths[i])].astype(np.int64)
 
+    def check_ids(self, tokenizer_vocab_size: int) -> None:
+        """Every stored id a tokenizer id (< tokenizer_vocab_size): special ids are never stored, and a corrupt or
+        foreign .bin would otherwise index past the embedding or pose as an eos. One max over the split, which is
+        in memory already: a few ms per 100 MB, beside the reading of it."""
+        v = tokenizer_vocab_size
+        if self.tokens.size and int(self.tokens.max()) >= v:
+            at = int(np.argmax(self.tokens >= v))
+            i = int(np.searchsorted(self.offsets, at, side="right")) - 1
+            raise pair_id_error(self.path, int(self.tokens[at]), i, v)
+
 
 def open_pairs(data_dir: str | Path, split: str, meta: dict | None = None) -> PairSplit:
     """One split of a pairs dataset, its file sizes checked against meta.json and the .idx."""
@@ -265,20 +278,29 @@ def open_pairs(data_dir: str | Path, split: str, meta: dict | None = None) -> Pa
     return PairSplit(bin_path, np.fromfile(bin_path, dtype=dtype), lengths[:, 0].copy(), lengths[:, 1].copy(), offsets)
 
 
-def check_pair_ids(data_dir: str | Path, split: str, meta: dict | None = None) -> None:
-    """Every stored id must be a tokenizer id (< tokenizer_vocab_size): special ids are never stored, and a
-    corrupt or foreign .bin would otherwise index past the embedding or pose as an eos."""
+def pair_id_error(path: Path, token: int, pair: int, tokenizer_vocab_size: int) -> UserError:
+    """The one error for a stored id that is no tokenizer id, in pair `pair` of the file at `path`."""
+    return UserError(
+        f"{path} holds token id {token} in pair {pair}, but the tokenizer has {tokenizer_vocab_size} tokens: "
+        f"the file is corrupt or from another tokenizer; {_rerun(path.parent)}"
+    )
+
+
+def check_pair_ids(data_dir: str | Path, split: str, meta: dict | None = None,
+                   full_check_bytes: int | None = None) -> None:
+    """Every stored id must be a tokenizer id (`PairSplit.check_ids`). What a run checks at its start, like
+    prepare_data.check_token_ids: the largest id prepare recorded (max_token_id) and, for a .bin of at most
+    `full_check_bytes` (prepare_data.FULL_ID_CHECK_BYTES), every id and the files' sizes. A larger split is not
+    read again here: PairBatches checks every id of the split it reads whole (batches.py)."""
     data_dir = Path(data_dir)
     meta = read_pairs_meta(data_dir) if meta is None else meta
-    ps = open_pairs(data_dir, split, meta)
     v = meta["tokenizer_vocab_size"]
-    if ps.tokens.size and int(ps.tokens.max()) >= v:
-        at = int(np.argmax(ps.tokens >= v))
-        i = int(np.searchsorted(ps.offsets, at, side="right")) - 1
-        raise UserError(
-            f"{ps.path} holds token id {int(ps.tokens[at])} in pair {i}, but the tokenizer has {v} tokens: "
-            f"the file is corrupt or from another tokenizer; {_rerun(data_dir)}"
-        )
+    prepare_data.check_recorded_max_id(data_dir, split, meta, v, f"the tokenizer has {v} tokens")
+    counts = meta["splits"].get(split, {})
+    limit = prepare_data.FULL_ID_CHECK_BYTES if full_check_bytes is None else full_check_bytes
+    if counts.get("tokens", 0) * prepare_data.DTYPES[meta["dtype"]].itemsize > limit:
+        return
+    open_pairs(data_dir, split, meta).check_ids(v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,26 +355,62 @@ def open_split(data_dir: str | Path, split: str, meta: dict | None = None) -> np
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def check_token_ids(data_dir: str | Path, split: str, meta: dict, chunk: int = 1 << 24) -> None:
-    """Every id of a split must be below vocab_size: a corrupt or foreign .bin would index past the embedding."""
+# A split of at most this many bytes is scanned whole at the start of a run (milliseconds from the page cache);
+# a larger one is trusted to prepare's check, recorded in meta.json's max_token_id, and to the check of every
+# batch cut from it (batches.Batches.check_ids): an OpenWebText-sized train.bin is ~18 GB of reading per start.
+FULL_ID_CHECK_BYTES = 256 << 20
+
+
+def token_id_error(path: str | Path, token: int, at: int, vocab_size: int) -> UserError:
+    """The one error for a token id past the vocabulary, at `at` (a token's index in the file)."""
+    return UserError(
+        f"{path} holds token id {token} at position {at}, but vocab_size is {vocab_size}: the file is corrupt or "
+        f"from another tokenizer; re-run `minigpt prepare ... --force`"
+    )
+
+
+def recorded_max_id(meta: dict, split: str) -> int | None:
+    """The largest id of a split that prepare recorded in meta.json (max_token_id), or None: not recorded (a
+    dataset prepared before the record existed) or an empty split."""
+    recorded = meta.get("max_token_id")
+    value = recorded.get(split) if isinstance(recorded, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_recorded_max_id(data_dir: str | Path, split: str, meta: dict, limit: int, what: str) -> None:
+    """The max id meta.json records for a split must lie below `limit`: an edited or foreign meta.json."""
+    top = recorded_max_id(meta, split)
+    if top is not None and not 0 <= top < limit:
+        raise UserError(f"{Path(data_dir) / META_FILE} records token id {top} as the largest of the {split} split, "
+                        f"but {what}; re-run `minigpt prepare ... --out {data_dir} --force`")
+
+
+def check_token_ids(data_dir: str | Path, split: str, meta: dict, chunk: int = 1 << 24,
+                    full_check_bytes: int | None = None) -> None:
+    """What a run checks of a split's ids at its start, cheaply: the file's size against meta.json (open_split),
+    the largest id prepare recorded against vocab_size, and, for a file of at most `full_check_bytes`
+    (FULL_ID_CHECK_BYTES), every id. A larger file is not read here: training checks each batch it cuts from it
+    (Batches.check_ids), so a corrupt or foreign .bin is the same one-line error when a batch reaches it."""
     data = open_split(data_dir, split, meta)
+    vocab_size = meta["vocab_size"]
+    check_recorded_max_id(data_dir, split, meta, vocab_size, f"vocab_size is {vocab_size}")
+    if data.nbytes > (FULL_ID_CHECK_BYTES if full_check_bytes is None else full_check_bytes):
+        return
     for start in range(0, len(data), chunk):
         part = np.asarray(data[start:start + chunk])
-        if part.size and int(part.max()) >= meta["vocab_size"]:
-            at = start + int(np.argmax(part >= meta["vocab_size"]))
-            raise UserError(
-                f"{Path(data_dir) / f'{split}.bin'} holds token id {int(data[at])} at position {at}, but vocab_size is "
-                f"{meta['vocab_size']}: the file is corrupt or from another tokenizer; re-run `minigpt prepare ... --force`"
-            )
+        if part.size and int(part.max()) >= vocab_size:
+            at = start + int(np.argmax(part >= vocab_size))
+            raise token_id_error(Path(data_dir) / f"{split}.bin", int(data[at]), at, vocab_size)
 
 
 def write_dataset(out_dir: str | Path, train_ids, val_ids, meta: dict) -> dict:
     """Write train.bin, val.bin, meta.json (and tokenizer.tiktoken for bpe) atomically; return the full meta.
 
     `meta` must hold at least the tokenizer spec, vocab_size, source, source_sha256, val_fraction and
-    tokenizer_kind; this function adds format_version, dtype and the token counts. Every file is written to
-    a temp file in out_dir and moved into place with os.replace, meta.json last (the old one is removed
-    first), so a crash never leaves a meta.json that describes other files.
+    tokenizer_kind; this function adds format_version, dtype, the token counts and each split's largest id
+    (max_token_id, None for an empty split). Every file is written to a temp file in out_dir and moved into
+    place with os.replace, meta.json last (the old one is removed first), so a crash never leaves a meta.json
+    that describes other files.
     """
     out_dir = Path(out_dir)
     dtype_name = dtype_name_for_vocab(meta["vocab_size"])
@@ -392,6 +428,8 @@ def write_dataset(out_dir: str | Path, train_ids, val_ids, meta: dict) -> dict:
         "dtype": dtype_name,
         "train_tokens": int(arrays["train"].size),
         "val_tokens": int(arrays["val"].size),
+        # checked above; a run trusts this record instead of reading a large split whole (check_token_ids)
+        "max_token_id": {s: int(a.max()) if a.size else None for s, a in arrays.items()},
         "tokenizer": meta["tokenizer"],  # last: for bpe it holds the whole ranks text
     }
     _check_meta(full, out_dir)

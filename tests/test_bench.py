@@ -121,6 +121,27 @@ def test_bench_sample_reports_cache_speedup():
     assert r["kv_cache_speedup"] == pytest.approx(r["decode_tokens_per_s"] / r["decode_tokens_per_s_no_cache"])
 
 
+def test_bench_sample_counts_only_the_prompt_tokens_it_prefills(monkeypatch):
+    """A prompt longer than block_size is cut to its last block_size tokens (as sampling does): prefill tokens/s
+    counts those, and they are exactly the tokens that went into the prefill's KV cache, a window at a time."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, attn_window=4))
+    rt = runtime.setup_runtime(train.RunConfig(device="cpu", dtype="float32"))
+    caches, fed = [], []
+    make_cache = bench.decode_cache
+    monkeypatch.setattr(bench, "decode_cache", lambda *a: caches.append(make_cache(*a)) or caches[-1])
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: fed.append(args[0].size(1)) if kwargs.get("kv_cache") is caches[0] else None,
+        with_kwargs=True)
+    r = bench.bench_sample(model, rt, batch=2, prompt_len=40, new_tokens=3, repeats=2)
+    assert (r["prompt_len"], r["prefill_tokens"], r["context_end"]) == (40, 16, 19)
+    assert r["prefill_tokens_per_s"] == pytest.approx(2 * 16 / (r["prefill_ms"] / 1000))
+    assert caches[0].max_len == 8  # the sampler's cache: 2 x window
+    assert fed == [4] * 4 * 3  # three prefills (one warm-up) of 16 tokens, in chunks of the window
+    short = bench.bench_sample(model, rt, batch=1, prompt_len=5, new_tokens=3, repeats=1)
+    assert (short["prefill_tokens"], short["context_end"]) == (5, 8)
+
+
 def test_cli_bench_json_and_bad_arguments(char_data):
     runner = CliRunner()
     r = runner.invoke(app, ["bench", "train", DEBUG, "--set", f"data.dir={char_data}", "--steps", "2", "--warmup", "1",

@@ -15,7 +15,7 @@ from cli.config_loader import load_config
 from cli.main import app
 from conftest import REPO_ROOT
 from encoder_decoder import EncoderDecoder, encoder_config
-from model import GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache
 
 GPT2 = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 SMALL = GPTConfig(vocab_size=65, block_size=256, n_layer=2, n_head=6, n_embd=48)
@@ -70,10 +70,87 @@ def test_kv_cache_ratios_are_exact():
     assert gqa["mha_bytes_per_token"] == 3 * gqa["bytes_per_token"]
     assert inspection.kv_cache_bytes(replace(SMALL, n_kv_head=1), 1, "float32")["ratio_vs_mha"] == 6.0
     window = inspection.kv_cache_bytes(replace(SMALL, attn_window=64), 2, "float32")
-    assert window["ratio_vs_mha"] == 4.0 and window["savings"] == ["window 64/256: 4.0x smaller"]
+    assert window["ratio_vs_mha"] == 2.0 and window["savings"] == ["window 64/256, 128 slots: 2.0x smaller"]
+    assert (window["context"], window["slots"]) == (64, 128)  # a query sees 64 keys; the sampler keeps 2 x 64
     assert window["bytes_per_token"] == window["mha_bytes_per_token"]
+    wide = inspection.kv_cache_bytes(replace(SMALL, attn_window=200), 1, "float32")  # 2 x 200 > 256: no saving
+    assert wide["ratio_vs_mha"] == 1.0 and wide["savings"] == ["window 200/256: none, the sampler keeps 256 slots"]
     assert inspection.kv_cache_bytes(SMALL, 1, "float32")["bytes_per_token"] == \
         2 * inspection.kv_cache_bytes(SMALL, 1, "float16")["bytes_per_token"]
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"attn_window": 64}, {"attn_window": 16, "n_kv_head": 2}, {"attn_window": 200}, {"attn_window": 256},
+    {"attn_window": 64, "attn_mask": "prefix", "prefix_len": 8},
+], ids=["no-window", "window-64", "window-16-gqa", "window-200", "window-256", "prefix-window"])
+def test_kv_cache_figure_is_what_the_sampler_allocates(changes):
+    """The full-context bytes are those of the cache `minigpt sample` builds (sample.decode_cache), so a window's
+    saving is block / (2 x window) where that is what the sampler keeps: the issue's 4x that was really 2x."""
+    import sample
+
+    cfg = replace(SMALL, **changes)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    cache = sample.decode_cache(model, 3, torch.device("meta"), torch.bfloat16)
+    kv = inspection.kv_cache_bytes(cfg, 3, "bfloat16")
+    assert kv["bytes_full_context"] == cache.k.nbytes + cache.v.nbytes
+    assert kv["slots"] == cache.max_len
+    assert kv["ratio_vs_mha"] == kv["mha_bytes_full_context"] / (cache.k.nbytes + cache.v.nbytes)
+
+
+def test_windowed_table_names_the_slots(tmp_path):
+    table = inspection.format_report(inspection.inspect_model(replace(SMALL, attn_window=64), 2, "float32"))
+    assert "full context (128 slots, window 64)" in table and "window 64/256, 128 slots: 2.0x smaller" in table
+    assert "full context (256 tokens)" in inspection.format_report(inspection.inspect_model(SMALL, 2, "float32"))
+
+
+@pytest.mark.parametrize("has_bf16, width, expected", [
+    (True, 128, "bfloat16"), (True, 64, "float32"), (False, 384, "float32"),
+])
+def test_auto_dtype_is_what_training_picks_on_this_cpu(monkeypatch, has_bf16, width, expected):
+    """run.dtype = auto is reported in the dtype runtime.setup_runtime picks for this model on this CPU, which the
+    note names, beside a GPU's choice."""
+    import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    cfg = replace(SMALL, n_head=4, n_embd=width)
+    picked = runtime.setup_runtime(train.RunConfig(device="cpu", dtype="auto"), cfg).dtype
+    assert str(picked).removeprefix("torch.") == expected  # the rule itself, for these two inputs
+    report = inspection.inspect_model(cfg, batch_size=2)
+    assert report["kv_cache"]["dtype"] == report["activations"]["dtype"] == expected
+    assert report["kv_cache"]["bytes_per_token"] == 2 * 2 * width * (2 if expected == "bfloat16" else 4)
+    note = report["notes"][-1]
+    assert note.startswith(f"run.dtype is auto: reporting for {expected}, what training picks on this CPU")
+    assert "a CUDA GPU picks bfloat16" in note
+    assert ("no native bfloat16" in note) == (not has_bf16) and ("under 128 wide" in note) == (has_bf16 and width < 128)
+
+
+def test_auto_dtype_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, expected in ((True, "bfloat16"), (False, "float16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        dtype, note = inspection.resolve_dtype("auto", SMALL)
+        assert dtype == expected and note == f"run.dtype is auto: reporting for {expected}, what training picks on " \
+                                              "this machine's GPU"
+    assert inspection.resolve_dtype("float16", SMALL) == ("float16", None)
+
+
+def test_auto_dtype_follows_run_device(monkeypatch):
+    """run.device = cpu on a GPU machine trains by the CPU's rule; cuda on a machine without one is a GPU's choice."""
+    import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert inspection.auto_dtype(SMALL, "cpu") == ("float32", "this CPU, which has no native bfloat16")
+    assert inspection.inspect_model(SMALL, 1, device="cpu")["kv_cache"]["dtype"] == "float32"
+    assert inspection.inspect_model(SMALL, 1, device="cuda:0")["kv_cache"]["dtype"] == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dtype, note = inspection.resolve_dtype("auto", SMALL, "cuda")
+    assert dtype == "bfloat16" and note.endswith("a CUDA GPU (this machine has none)")
+    assert inspection.auto_dtype(SMALL, "mps") == ("float32", "MPS")
 
 
 def test_activation_estimate_reproduces_korthikanti_and_checkpointing_saves_memory():
@@ -93,7 +170,7 @@ def test_report_dict_and_table():
                   norm="rmsnorm", mlp="swiglu")
     report = inspection.inspect_model(cfg, batch_size=3)
     assert report["model"].startswith("4 layers, 4 heads (kv 2), 128 wide, block 64, rope, rmsnorm pre, swiglu")
-    assert report["kv_cache"]["dtype"] == "bfloat16" and "auto" in report["notes"][0]
+    assert report["kv_cache"]["dtype"] == inspection.auto_dtype(cfg)[0] and "auto" in report["notes"][0]
     json.dumps(report)  # plain values only
     table = inspection.format_report(report)
     assert table.splitlines()[0] == report["model"]
@@ -148,6 +225,15 @@ def test_encoder_decoder_caches_match_the_models_own_tensors():
     assert c["bytes_per_source_token"] * cfg.source_size == c["bytes_per_source"] == 4 * c["values_per_source"]
     cache = KVCache(cfg, 3, dtype=torch.float32)
     assert report["kv_cache"]["bytes_full_context"] == cache.k.nbytes + cache.v.nbytes
+
+
+def test_pair_decoding_of_a_windowed_decoder_keeps_a_whole_block():
+    """sample.PairDecoder builds KVCache(cfg, rows): block_size slots, window or not."""
+    cfg = replace(ENCDEC, attn_window=8)
+    kv = inspection.kv_cache_bytes(cfg, 3, "float32")
+    cache = KVCache(cfg, 3, dtype=torch.float32, device="meta")
+    assert kv["slots"] == cfg.block_size and kv["bytes_full_context"] == cache.k.nbytes + cache.v.nbytes
+    assert kv["savings"] == ["window 8/24: none, the sampler keeps 24 slots"]
 
 
 def test_encoder_decoder_flops_and_activations():

@@ -124,6 +124,33 @@ def test_check_pair_ids_finds_a_foreign_id(tmp_path):
         pairs.check_pair_ids(tmp_path, "train")
 
 
+def test_pairs_record_their_largest_ids_and_a_run_checks_them_without_a_second_read(tmp_path):
+    """write_pairs records each split's largest id; check_pair_ids reads a small split whole but, past
+    FULL_ID_CHECK_BYTES, only checks that record; PairBatches checks every id of the split it reads whole."""
+    import torch
+
+    import batches
+    from model import GPTConfig
+
+    data = {"train": [([0, 1], [2]), ([1], [0, 1]), ([2, 2], [1])], "val": [([1], [1])], "length": [([0], [2])]}
+    meta = pairs.write_pairs(tmp_path, data, _meta(3))
+    assert meta["max_token_id"] == {"train": 2, "val": 1, "length": 2} == pd.read_meta(tmp_path)["max_token_id"]
+    raw = np.fromfile(tmp_path / "train.bin", dtype="<u2")
+    raw[6] = 4  # the first id of pair 2's source (pairs 0 and 1 hold 3 ids each)
+    raw.tofile(tmp_path / "train.bin")
+    expected = r"train.bin holds token id 4 in pair 2, but the tokenizer has 3 tokens: the file is corrupt"
+    with pytest.raises(UserError, match=expected):
+        pairs.check_pair_ids(tmp_path, "train", meta)  # 16 bytes: read whole
+    pairs.check_pair_ids(tmp_path, "train", meta, full_check_bytes=15)  # "large": not read again here
+    model = GPTConfig(vocab_size=3 + pairs.N_SPECIAL, block_size=16, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(UserError, match=expected):  # ... but where training reads it, before any batch
+        batches.PairBatches(tmp_path, meta, "train", 2, model, torch.device("cpu"), seed=0)
+    batches.PairBatches(tmp_path, meta, "val", 2, model, torch.device("cpu"), seed=0)  # a clean split builds
+    with pytest.raises(UserError, match=r"meta.json records token id 3 as the largest of the val split, but the "
+                                        r"tokenizer has 3 tokens"):
+        pairs.check_pair_ids(tmp_path, "val", {**meta, "max_token_id": {"train": 2, "val": 3}}, full_check_bytes=0)
+
+
 def test_a_token_dataset_is_not_pairs_and_formats_replace_each_other(tmp_path):
     pd.write_dataset(tmp_path, [0, 1, 2], [1], {**_meta(3), "vocab_size": 3})
     with pytest.raises(UserError, match="token-stream dataset, not source/target pairs"):

@@ -3,6 +3,7 @@
 import codecs
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -500,3 +501,88 @@ def test_text_too_short_to_split(tmp_path):
 def test_import_is_cheap_and_torch_free():
     code = "import sys, prepare_data; assert 'torch' not in sys.modules and 'rustbpe' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(pd.__file__))
+
+
+# ----------------------------------------------------------------------------- token ids: at prepare, start, batch
+
+
+def _corrupt(path, at, value, dtype="<u2"):
+    raw = np.fromfile(path, dtype=dtype)
+    raw[at] = value
+    raw.tofile(path)
+
+
+def test_write_dataset_records_each_splits_largest_id(tmp_path):
+    meta = pd.write_dataset(tmp_path, [3, 64, 7], [], _meta(65))
+    assert meta["max_token_id"] == {"train": 64, "val": None} == pd.read_meta(tmp_path)["max_token_id"]
+    assert pd.recorded_max_id(meta, "train") == 64 and pd.recorded_max_id(meta, "val") is None
+    assert pd.recorded_max_id({}, "train") is None  # prepared before the record existed: nothing to trust
+
+
+def test_start_check_scans_a_small_split_and_trusts_prepare_for_a_large_one(tmp_path):
+    meta = pd.write_dataset(tmp_path, list(range(60)) * 10, [1, 2], _meta(65))
+    pd.check_token_ids(tmp_path, "train", meta)  # clean
+    _corrupt(tmp_path / "train.bin", 123, 65)  # one past the vocabulary, after prepare
+    with pytest.raises(UserError, match=r"train.bin holds token id 65 at position 123, but vocab_size is 65: .*--force"):
+        pd.check_token_ids(tmp_path, "train", meta)  # 1,200 bytes: read whole
+    pd.check_token_ids(tmp_path, "train", meta, full_check_bytes=1199)  # "large": not read (batches check it)
+    old = {k: v for k, v in meta.items() if k != "max_token_id"}  # a dataset from before the record: same rule
+    pd.check_token_ids(tmp_path, "train", old, full_check_bytes=0)
+    with pytest.raises(UserError, match="holds token id 65 at position 123"):
+        pd.check_token_ids(tmp_path, "train", old)
+    # a meta.json whose record contradicts its vocabulary is refused without reading the file
+    with pytest.raises(UserError, match=r"meta.json records token id 70 as the largest of the val split, but "
+                                        r"vocab_size is 65; re-run `minigpt prepare"):
+        pd.check_token_ids(tmp_path, "val", {**meta, "max_token_id": {"train": 59, "val": 70}}, full_check_bytes=0)
+    with pytest.raises(UserError, match="truncated or stale"):  # sizes are still checked, always
+        pd.check_token_ids(tmp_path, "val", {**meta, "val_tokens": 3}, full_check_bytes=0)
+
+
+@pytest.mark.parametrize("n_tokens, bad_at", [(20, 7), (40, 25)])
+def test_each_batch_checks_its_ids_and_names_the_position_in_the_file(tmp_path, n_tokens, bad_at):
+    """With a window of 20 tokens, every batch of a 20-token split covers position 7, and most of a 40-token
+    split's windows cover 25: the error names the file position whatever row and column it was cut into."""
+    import torch
+
+    import batches
+    from model import GPTConfig
+
+    meta = pd.write_dataset(tmp_path, [i % 60 for i in range(n_tokens)], [1] * 20, _meta(65))
+    model = GPTConfig(vocab_size=65, block_size=19, n_layer=1, n_head=1, n_embd=8)
+    source = batches.Batches(tmp_path, meta, "train", 8, model, torch.device("cpu"), seed=0)
+    x, y = source.make(0, 0)
+    assert x.shape == (8, 19) and int(x.max()) < 60
+    _corrupt(tmp_path / "train.bin", bad_at, 300)
+    with pytest.raises(UserError, match=rf"train.bin holds token id 300 at position {bad_at}, but vocab_size is 65"):
+        source.make(0, 0)
+    if n_tokens > 20:  # a window that misses the bad id passes
+        source.check_ids(np.fromfile(tmp_path / "train.bin", dtype="<u2")[None, :20], [0])
+
+
+def test_a_corrupt_id_in_a_split_too_large_to_scan_ends_training_when_a_batch_reaches_it(char_data, tmp_path,
+                                                                                           monkeypatch):
+    """The start no longer reads a large split whole: a corrupt id is the same one-line error (exit 2, no
+    traceback) from the first batch that holds it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from conftest import REPO_ROOT
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    raw = np.fromfile(data / "train.bin", dtype="<u2")
+    raw[::7] = meta["vocab_size"]  # every window of 8+ tokens holds one
+    raw.tofile(data / "train.bin")
+    monkeypatch.setattr(pd, "FULL_ID_CHECK_BYTES", 0)  # as if the split were larger than the start reads
+    args = ["train", str(REPO_ROOT / "config" / "debug.toml"), "--set", f"data.dir={data}",
+            "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "train.max_iters=2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(data / 'train.bin'))} holds token id {meta['vocab_size']} at "
+                        rf"position (\d+), but vocab_size is {meta['vocab_size']}: .*", lines[0]), lines[0]
+    assert int(re.search(r"position (\d+)", lines[0]).group(1)) % 7 == 0  # a real corrupt position
