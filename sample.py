@@ -9,14 +9,16 @@ import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import find_checkpoint, load_checkpoint
+from checkpoint import (find_checkpoint, load_checkpoint, minigpt_version, unknown_settings, use_writer,
+                        weights_do_not_fit, weights_mismatch, written_by)
 from beam_search import beam_search
+from cli.config_loader import ConfigError, build_config
 from encoder_decoder import EncoderDecoder, build_model
 from model import GPT, GPTConfig, KVCache
 from pairs import SpecialTokens
@@ -81,6 +83,26 @@ def inference_runtime(model: GPT, device: str = "auto") -> Runtime:
     return rt
 
 
+@dataclass(frozen=True)
+class ModelSection:
+    """A config of [model] alone: a checkpoint's model settings are checked as a config file's [model] is."""
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load a checkpoint's weights into the model its config builds; weights that do not fit it (its config edited,
+    or a minigpt that names or shapes them differently) are a one-line error naming the first differences."""
+    weights = state["model"]
+    mismatch = weights_mismatch(model.state_dict(), weights) if isinstance(weights, dict) else "not a table of weights"
+    if not mismatch:
+        try:
+            model.load_state_dict(weights)
+            return
+        except RuntimeError as e:  # what the comparison above does not see, e.g. a dtype that cannot be copied
+            mismatch = str(e).strip().splitlines()[-1].strip()[:200] if str(e).strip() else type(e).__name__
+    raise weights_do_not_fit(path, state, mismatch)
+
+
 def load_for_inference(run: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
     """The model (eval mode, on the device) and tokenizer of a run: a run folder's ckpt.pt ('latest', the default)
     or best.pt ('best'), or a checkpoint file given itself (e.g. a step-NNNNNNN.pt)."""
@@ -89,14 +111,14 @@ def load_for_inference(run: str | Path, checkpoint: str | None = None, device: s
     state = load_checkpoint(path)
     saved = state["config"].get("model", {})
     unknown = sorted(set(saved) - {f.name for f in fields(GPTConfig)})
-    if unknown:  # written by a newer minigpt, with model settings this one cannot build
-        raise UserError(f"{path} has model settings this version of minigpt does not know ({', '.join(unknown)}); "
-                        "sample it with the version that trained it")
-    try:
-        model = build_model(GPTConfig(**saved))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path} holds a model config this version cannot build ({e})") from None
-    model.load_state_dict(state["model"])
+    if unknown:  # written by another minigpt, with model settings this one cannot build
+        raise unknown_settings(path, state, "model settings", unknown, "use")
+    try:  # checked as a config file's [model] is: a value this release does not take is named, not built
+        model = build_model(build_config(ModelSection, {"model": saved}).model)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise UserError(f"{path} holds a model config this minigpt ({minigpt_version()}) cannot build ({e}); it was "
+                        f"written by {written_by(state)}: {use_writer(state, 'use')}") from None
+    load_weights(model, state, path)
     rt = inference_runtime(model.eval(), device)
     tokenizer = load_tokenizer(state["tokenizer"])
     data = state.get("data") or {}

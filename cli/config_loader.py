@@ -248,6 +248,30 @@ def _unknown_key(section: str, key: str, sections: Mapping[str, type]) -> Config
     return ConfigError(msg)
 
 
+def split_unknown(cls: type, data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(known, unknown)``: ``data`` ({section: {key: value}}) without the sections and keys ``cls`` does not have,
+    and those as ``section.key`` (``name`` for a value outside any section). For a config written by another
+    version (a checkpoint's), whose unknown keys are that version's settings, not typos: see :func:`build_config`."""
+    sections = _sections(cls)
+    known: dict[str, Any] = {}
+    unknown: list[str] = []
+    if not isinstance(data, Mapping):
+        return data, unknown  # build_config says what is wrong with it
+    for name, table in data.items():
+        if not isinstance(table, Mapping):
+            if name in sections:
+                known[name] = table  # build_config says what is wrong with it
+            else:
+                unknown.append(str(name))
+        elif name not in sections:
+            unknown += [f"{name}.{key}" for key in table] or [str(name)]
+        else:
+            fields = _fields(sections[name])
+            known[name] = {key: value for key, value in table.items() if key in fields}
+            unknown += [f"{name}.{key}" for key in table if key not in fields]
+    return known, unknown
+
+
 def build_config(cls: type, data: Mapping[str, Any], overrides: Iterable[str] = ()) -> Any:
     """Build ``cls`` from ``{section: {key: value}}`` (parsed TOML or a saved ``config_to_dict``) plus overrides.
 
