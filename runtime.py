@@ -1,5 +1,7 @@
 """What a run needs from the machine: the device and autocast dtype, the allocator's settings, under torchrun
-the process group and the sharded or wrapped model, and the device's peak FLOP/s (for MFU).
+the process group and the sharded or wrapped model, and the device's peak FLOP/s (for MFU). Building a model
+under FSDP without any process holding it whole is in sharding.py; what a training process needs of memory, in
+memory.py.
 
 train.py, sample.py and bench.py take a `Runtime` from `setup_runtime` and leave the machine to this module.
 """
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
@@ -151,9 +153,13 @@ def setup_runtime(run: RunConfig, model: GPTConfig | None = None) -> Runtime:
 def parallelize(model: GPT, cfg: Config, rt: Runtime) -> torch.nn.Module:
     """Under torchrun, shard the model in place with FSDP2 (each block, then the root) before the optimizer
     sees its parameters; DDP instead wraps it after (see `wrap_for_training`). The raw module stays the
-    one whose weights are saved."""
+    one whose weights are saved. Training shards a model built on the meta device (`build_on_meta`)."""
     if rt.world_size > 1 and cfg.run.distributed == "fsdp":
         for block in [*getattr(model, "encoder", []), *model.blocks]:  # an encoder-decoder's encoder too
+            cross = getattr(block, "cross", None)  # an encoder-decoder's decoder block: its cross-attention is
+            if cross is not None:  # called outside the block too, for the source's keys and values (cross_cache)
+                fully_shard(cross)
+                register_fsdp_forward_method(cross, "memory_kv")
             fully_shard(block)
         fully_shard(model)
     return model

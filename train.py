@@ -21,18 +21,19 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from batches import BatchSource, batch_source, derived_seed, positions_per_example
-from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_last_checkpoints, run_lock,
-                        save_checkpoint, tidy_run_dir)
-from encoder_decoder import build_model, model_flops_per_token
+from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_last_checkpoints, minigpt_version,
+                        new_run_files, remove_run_files, run_lock, save_checkpoint, tidy_run_dir, use_writer,
+                        write_config, written_by)
+from encoder_decoder import model_flops_per_token
 from model import GPTConfig
 from pairs import N_SPECIAL, check_pair_ids, is_pairs, special_tokens
 from prepare_data import UserError, check_token_ids, read_meta
-from runtime import (Runtime, device_peak_flops, gradient_sync, parallelize, setup_runtime, valid_device,
-                     wrap_for_training)
+from memory import BuildMemoryLog, out_of_memory
+from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
+from sharding import build_for_training, load_state, shards_model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,6 +73,9 @@ class OptimConfig:
         for name in ("warmup_iters", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule == "cosine" and 0 < self.lr_decay_iters < self.warmup_iters:  # the cosine would never run
+            raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
+                             "the cosine runs from the end of warmup to lr_decay_iters (0 = train.max_iters)")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,15 @@ def seed_step(seed: int, step: int, rank: int, device: torch.device) -> None:
 # Learning rate: a pure function of the step, so a resumed run follows the same curve.
 
 
+def fix_schedule(cfg: Config) -> Config:
+    """The config with its schedule fixed for good: lr_decay_iters = 0 becomes the train.max_iters the run starts with
+    (warmup_iters if that is longer). A new run stores this in its checkpoint, so training it longer (more max_iters)
+    goes on at min_lr rather than up a re-stretched cosine."""
+    if cfg.optim.lr_decay_iters:
+        return cfg
+    return replace(cfg, optim=replace(cfg.optim, lr_decay_iters=max(cfg.train.max_iters, cfg.optim.warmup_iters)))
+
+
 def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.min_lr at lr_decay_iters, then flat; or with the
     inverse_sqrt schedule, lr · √(warmup / step) after warmup (Vaswani 2017), never below min_lr."""
@@ -193,23 +206,39 @@ def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torc
 
 
 class Logger:
-    def __init__(self, cfg: Config, out_dir: Path):
-        self.metrics = open(out_dir / "metrics.jsonl", "a")
+    """metrics.jsonl, and a W&B run when asked: a resumed run passes the id its checkpoint kept, and logs on into
+    the same W&B run rather than starting another."""
+
+    def __init__(self, cfg: Config, out_dir: Path, wandb_run_id: str | None = None):
+        self.path = out_dir / "metrics.jsonl"
+        self.metrics = open(self.path, "a")
         self.wandb = None
         if cfg.log.wandb:
             import wandb  # imported only when used: nothing touches wandb otherwise
 
             self.wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or out_dir.name,
-                                    config=asdict(cfg), dir=str(out_dir))
+                                    config=asdict(cfg), dir=str(out_dir), id=wandb_run_id,
+                                    resume="allow" if wandb_run_id else None)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
 
     def record(self, step: int, **values) -> None:
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.flush()
+        except OSError as e:  # a full disk: the run stops; the checkpoint on disk is whole (saves are atomic)
+            raise UserError(f"could not write {self.path} ({e.strerror or e}) at step {step}; the last checkpoint "
+                            "is intact: free some space and resume") from None
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.metrics.close()
+        try:
+            self.metrics.close()
+        except OSError:  # the flush of a line that a full disk refused, already reported by record()
+            pass
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -242,7 +271,8 @@ class StopFlag:
         if self.requested:
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested} received: saving a checkpoint after this step (again to quit at once)", flush=True)
+        print(f"\n{self.requested} received: saving a checkpoint after this step and its evaluation, if one is due "
+              "(again to quit at once)", flush=True)
 
 
 @contextmanager
@@ -399,24 +429,9 @@ def micro_steps_per_process(cfg: Config, rt: Runtime) -> int:
     return cfg.train.grad_accum // rt.world_size
 
 
-def check_memory(cfg: Config, rt: Runtime, n_params: int) -> None:
-    """Refuse a batch that cannot fit: the float32 logits and the weights alone are a lower bound on memory."""
-    if rt.device.type == "cuda":
-        available = torch.cuda.mem_get_info(rt.device)[0]
-    elif rt.device.type == "cpu" and Path("/proc/meminfo").exists():
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        available = int(meminfo.get("MemAvailable", "0 kB").split()[0]) * 1024 or None
-    else:
-        return
-    needed = 4 * (cfg.train.batch_size * cfg.model.block_size * cfg.model.padded_vocab_size + 4 * n_params)
-    if available and needed > available:
-        raise UserError(f"train.batch_size {cfg.train.batch_size} x model.block_size {cfg.model.block_size} needs "
-                        f"at least {needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is free on {rt.device}; "
-                        "lower train.batch_size (and raise train.grad_accum to keep the batch)")
-
-
 def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None = None) -> TrainResult:
-    """Train from scratch, or continue from `checkpoint` (a dict from load_checkpoint) in cfg.run.out_dir.
+    """Train from scratch, or continue from `checkpoint` (a dict from load_checkpoint) in cfg.run.out_dir; once its
+    weights and moments are loaded, the dict lets go of them (they are memory-mapped from the checkpoint's file).
 
     `config_text`, when given, is written to out_dir/config.toml (the resolved config, for people and scripts).
     Under torchrun every process runs this; only the first logs and writes files.
@@ -427,6 +442,14 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
         if rt.world_size > 1:  # rank 0 writes the last checkpoint alone: a peer tearing the group down meanwhile
             dist.barrier()  # made gloo abort the process now and then
         return result
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        saved = (Path(cfg.run.out_dir) / "ckpt.pt").exists()
+        raise UserError(f"out of memory on {rt.device} ({out_of_memory(e)}): train.batch_size {cfg.train.batch_size} "
+                        f"x model.block_size {cfg.model.block_size} does not fit; lower train.batch_size (raising "
+                        "train.grad_accum keeps the batch) or model.block_size" +
+                        (f"; the last checkpoint in {cfg.run.out_dir} is intact" if saved else "; nothing was saved")) from None
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -435,9 +458,8 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
 def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
     meta = read_meta(cfg.data.dir)
     cfg = resolve_vocab(cfg, meta, cfg.data.dir)
-    if checkpoint is None and not cfg.optim.lr_decay_iters:  # the schedule is fixed once, in the checkpoint's
-        # config: training a resumed run longer (more train.max_iters) goes on at min_lr, not up a re-stretched cosine
-        cfg = replace(cfg, optim=replace(cfg.optim, lr_decay_iters=cfg.train.max_iters))
+    if checkpoint is None:
+        cfg = fix_schedule(cfg)
     out_dir = Path(cfg.run.out_dir)
     if checkpoint is None and (out_dir / "ckpt.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with `minigpt train --resume {out_dir}` "
@@ -452,24 +474,26 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     for split in ("train", "val"):  # a pairs file stores tokenizer ids only: a special id there would be corrupt
         (check_pair_ids if is_pairs(meta) else check_token_ids)(cfg.data.dir, split, meta)
 
+    memory_log = BuildMemoryLog(rt)  # what the build and the checkpoint take: for tests, off unless asked for
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
-    model = build_model(cfg.model).to(rt.device)  # the raw module: the one we save, whatever wraps it below
-    check_memory(cfg, rt, model.num_params(non_embedding=False))
-    parallelize(model, cfg, rt)
+    # the raw module: the one we save, whatever wraps it below (under FSDP, sharded: no process holds it whole)
+    model = build_for_training(cfg, rt, new_run=checkpoint is None)
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step, best_val_loss, tokens_seen = 0, float("inf"), 0
     if checkpoint is not None:
         try:
-            set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
-            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
+            load_state(model, optimizer, checkpoint, rt, sharded=shards_model(cfg, rt))
         except (RuntimeError, KeyError, ValueError) as e:
             detail = " ".join(str(e).split())[:300]
-            raise UserError(f"the checkpoint's weights do not fit the configured model ({detail}); "
-                            "do not change [model] shapes when resuming") from None
+            fix = ("do not change [model] shapes when resuming" if written_by(checkpoint) == f"minigpt {minigpt_version()}"
+                   else f"it was written by {written_by(checkpoint)}: {use_writer(checkpoint, 'resume')}")
+            raise UserError(f"the checkpoint's weights do not fit the configured model ({detail}); {fix}") from None
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         step, best_val_loss, tokens_seen = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["tokens_seen"]
+        checkpoint["model"] = checkpoint["optimizer"] = None  # loaded: the run lets go of the file (memory-mapped)
+    memory_log.done(model)
     step_model = wrap_for_training(model, cfg, rt)
 
     tokens_per_step, flops_per_step = step_cost(cfg, meta, model)
@@ -492,14 +516,15 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         finite = all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
         if not finite or (last_eval and not all(math.isfinite(v) for v in last_eval.values())):
             raise UserError(f"the {'weights' if not finite else 'evaluation loss'} became non-finite by step {step} "
-                            f"(is optim.lr too high?); nothing was saved over {out_dir}/ckpt.pt: resume it with a "
-                            "lower optim.lr")
+                            f"(is optim.lr too high?); nothing was saved over {out_dir}/ckpt.pt: "
+                            + ("resume it" if saved_at is not None else "train again") + " with a lower optim.lr")
         return {
             "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
             "tokenizer": meta["tokenizer"], "data": data_info(cfg, meta),
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
+            "wandb_run_id": wandb_run_id,
         }
 
     def save(improved: bool = False, evaluated: bool = False) -> None:
@@ -512,28 +537,41 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                 copy_checkpoint(out_dir / "ckpt.pt", out_dir / "best.pt")
             if evaluated:
                 keep_last_checkpoints(out_dir, step, cfg.run.keep_last)
-        except OSError as e:
-            raise UserError(f"could not save a checkpoint in {out_dir} ({e.strerror or e}); the previous checkpoint "
-                            "is intact: free some space (or fix the permissions) and resume") from None
+        except (OSError, RuntimeError) as e:
+            # torch.save's zip writer meets a full disk as an OSError, then raises a RuntimeError ("unexpected pos")
+            # while closing: that OSError is its context
+            error = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(error, OSError):
+                raise
+            fix = ("the previous checkpoint is intact: free some space (or fix the permissions) and resume"
+                   if saved_at is not None else "nothing was saved: free some space (or fix the permissions) and "
+                   "train again")
+            raise UserError(f"could not save a checkpoint in {out_dir} ({error.strerror or error}); {fix}") from None
 
     last_eval, stopped_by, bad_in_a_row, skipped = None, None, 0, 0
+    wandb_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None else None  # W&B's run, resumed with it
     saved_at = step if checkpoint is not None else None  # the step the checkpoint on disk holds
     eval_time = 0.0  # seconds the last evaluation took: the ETA counts the evaluations still to come
     step_time, windows_logged, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     with ExitStack() as cleanup:
         logger = None  # the lock, the log and the files belong to the first process
         if rt.is_main:
+            new_files = new_run_files(out_dir)
+            # runs last: a run that ends (an error, a full disk, out of memory) before it ever saved leaves nothing
+            cleanup.callback(lambda: saved_at is None and remove_run_files(new_files))
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 cleanup.enter_context(run_lock(out_dir))
+                tidy_run_dir(out_dir, step)
+                if config_text is not None:
+                    write_config(out_dir, config_text)
             except OSError as e:
-                fix = ("a resumed run continues in its own folder: make it writable, or copy it somewhere writable "
-                       "and resume the copy" if checkpoint is not None else "choose another --set run.out_dir=...")
+                fix = ("a resumed run continues in its own folder: make it writable (or free some space), or copy it "
+                       "somewhere writable and resume the copy" if checkpoint is not None
+                       else "free some space, or choose another --set run.out_dir=...")
                 raise UserError(f"cannot write to {out_dir} ({e.strerror or e}); {fix}") from None
-            tidy_run_dir(out_dir, step)
-            if config_text is not None:
-                (out_dir / "config.toml").write_text(config_text)
-            logger = Logger(cfg, out_dir)
+            logger = Logger(cfg, out_dir, wandb_run_id)
+            wandb_run_id = logger.wandb_run_id or wandb_run_id
             cleanup.callback(logger.close)
         stop = cleanup.enter_context(stop_on_signals())
         model.train()
@@ -553,8 +591,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             if bad_in_a_row >= cfg.train.max_bad_steps:  # the weights were never updated with them: no save needed
                 raise UserError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient; stopped at step {step}. "
-                    f"The last good checkpoint is {out_dir}/ckpt.pt: resume it with a lower optim.lr, "
-                    "or run.dtype=bfloat16 instead of float16")
+                    + (f"The last good checkpoint is {out_dir}/ckpt.pt: resume it" if saved_at is not None
+                       else "Nothing was saved: train again") + " with a lower optim.lr, or run.dtype=bfloat16 "
+                    "instead of float16")
             if step % cfg.log.interval == 0 or step == cfg.train.max_iters:
                 loss_value = loss.item()
                 now = time.perf_counter()
@@ -573,9 +612,6 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                     logger.record(step, loss=loss_value, nll=nll.item(), lr=lr, tokens_per_s=tok_s, mfu=mfu,
                                   tokens_seen=tokens_seen, skipped_steps=skipped, **extra)
                 window_start, window_steps = time.perf_counter(), 0
-            if rt.any(stop.requested is not None):  # every process stops at the same step
-                stopped_by = stop.requested or "a signal to another process"
-                break
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
                 eval_start = time.perf_counter()
                 last_eval = evaluate(step_model, cfg, meta, rt)
@@ -590,8 +626,14 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                 save(improved=improved, evaluated=True)
                 saved_at = step
                 window_start, window_steps = time.perf_counter(), 0  # eval time is not training speed
+            # after the step's evaluation, if it has one: a stop asked for during that step or during the evaluation
+            # leaves no hole in the evaluation record (nor trains a step more)
+            if rt.any(stop.requested is not None):  # every process stops at the same step
+                stopped_by = stop.requested or "a signal to another process"
+                break
         if step != saved_at:  # work since the last checkpoint must not be lost
             save()
+            saved_at = step
     if stopped_by and rt.is_main:
         print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out_dir}/ckpt.pt\n"
               f"resume with: minigpt train --resume {out_dir}", flush=True)

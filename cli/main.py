@@ -55,17 +55,42 @@ app = typer.Typer(
 )
 
 
-def config_from(path: Path, overrides: list[str]):
+def config_from(path: Path, overrides: list[str], *, read_only: bool = False):
     """The config of a TOML file, or of a run (its folder or a checkpoint file) with the checkpoint itself;
-    --set overrides apply to either."""
-    from cli.config_loader import build_config, load_config
+    --set overrides apply to either.
+
+    A checkpoint written by another minigpt may hold config keys this one does not know: those are that release's
+    settings, not typos. Resuming refuses them (they may change how the run trains), naming the release that wrote
+    it; with read_only (a command that only looks at the run) keys outside [model] are left out with a note on
+    stderr, and [model]'s are refused (the weights may depend on them)."""
+    from cli.config_loader import ConfigError, build_config, load_config, split_unknown
 
     import train as trainer
-    from checkpoint import load_checkpoint
+    from checkpoint import load_checkpoint, minigpt_version, unknown_settings, use_writer, written_by
 
     if path.is_dir() or path.suffix == ".pt":
         checkpoint = load_checkpoint(path)
-        return build_config(trainer.Config, checkpoint["config"], overrides), checkpoint
+        file = path / "ckpt.pt" if path.is_dir() else path
+        verb = "use" if read_only else "resume"
+        data, unknown = split_unknown(trainer.Config, checkpoint["config"])
+        model_keys = [k for k in unknown if k.startswith("model.")]
+        if unknown and not read_only:
+            raise unknown_settings(file, checkpoint, "config keys", unknown, verb)
+        if model_keys:
+            raise unknown_settings(file, checkpoint, "model settings", model_keys, verb)
+        if unknown:
+            print(f"note: {file} was written by {written_by(checkpoint)}; leaving out the config keys this minigpt "
+                  f"({minigpt_version()}) does not know (none is the model's): {', '.join(unknown)}", file=sys.stderr)
+        try:
+            return build_config(trainer.Config, data, overrides), checkpoint
+        except ConfigError as e:
+            error = e
+        try:  # the checkpoint's own config, without the overrides: a value this release does not accept?
+            build_config(trainer.Config, data)
+        except ConfigError as e:
+            raise ConfigError(f"{file} holds a config this minigpt ({minigpt_version()}) cannot read ({e}); it was "
+                              f"written by {written_by(checkpoint)}: {use_writer(checkpoint, verb)}") from None
+        raise error  # the overrides' fault: a typo gets its suggestion
     return load_config(trainer.Config, path, overrides), None
 
 
@@ -127,6 +152,8 @@ def train(
     cfg, checkpoint = config_from(config or resume, set_)
     if resume is not None:  # the run continues where it lies
         cfg = replace(cfg, run=replace(cfg.run, out_dir=str(resume if resume.is_dir() else resume.parent)))
+    else:  # config.toml and --print-config show the schedule the run will follow
+        cfg = trainer.fix_schedule(cfg)
     if print_config:
         typer.echo(config_to_toml(cfg), nl=False)
         return
@@ -255,14 +282,15 @@ def inspect(
     import inspection
     import train as trainer
 
-    cfg, _ = config_from(target, set_)
+    cfg, _ = config_from(target, set_, read_only=True)
     vocab_was_set = cfg.model.vocab_size != 0
     cfg, note = trainer.with_vocab(cfg)
     notes = [note] if note and not vocab_was_set else []
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     try:
-        report = inspection.inspect_model(cfg.model, batch_size or cfg.train.batch_size, cfg.run.dtype, notes)
+        report = inspection.inspect_model(cfg.model, batch_size or cfg.train.batch_size, cfg.run.dtype, notes,
+                                             device=cfg.run.device)
     except ValueError as e:
         raise UserError(f"cannot build this model: {e}") from None
     typer.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
@@ -296,7 +324,7 @@ def bench_train(
 
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    cfg, _ = config_from(config, set_)
+    cfg, _ = config_from(config, set_, read_only=True)
     echo_result(f"bench train {config}", bench.bench_train(cfg, steps, warmup), as_json)
 
 
@@ -334,7 +362,7 @@ def bench_sample(
             raise UserError(f"bench sample times continuing a prompt; {target} decodes targets for sources: "
                             "`minigpt eval RUN` reports its examples/s")
     else:
-        cfg, _ = config_from(target, set_)
+        cfg, _ = config_from(target, set_, read_only=True)
         if cfg.model.arch != "decoder":
             raise UserError(f"bench sample times a decoder-only model's decode loop; {target} is an "
                             "encoder-decoder: train it and run `minigpt eval RUN`, which reports examples/s")

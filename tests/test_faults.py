@@ -287,9 +287,9 @@ def test_weights_made_non_finite_by_the_update_are_a_user_error(char_data, tmp_p
     monkeypatch.setattr(train, "train_step", poisoned)
     run = tmp_path / "run"
     cfg = tiny_config(char_data, run, train=dict(max_iters=20, eval_interval=3, max_bad_steps=10))
-    with pytest.raises(UserError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite.*train again"):
         train.train(cfg)
-    assert not (run / "ckpt.pt").exists()  # nothing non-finite was written
+    assert not run.exists()  # nothing non-finite was written, and a run that never saved leaves nothing
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,6 +346,135 @@ def test_unwritable_run_dir_is_one_line_and_creates_nothing(char_data, tmp_path,
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write to {out_dir}"), result.stderr
     assert "Traceback" not in result.output
     assert snapshot(tmp_path, char_data) == before and not out_dir.exists()
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether this user may mount a tmpfs in a mount namespace of its own (an unprivileged user namespace)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+# Runs inside `unshare -rm` (the mount is gone when it ends): $CASE's commands against a tmpfs of $SIZE at $MNT,
+# each command's stdout, stderr and exit code kept in $LOGS, and the run folder copied out after each one.
+FULL_DISK_SCRIPT = r"""
+mount -t tmpfs -o size=$SIZE tmpfs $MNT || exit 99
+i=0
+while read -r cmd; do
+    i=$((i + 1))
+    sh -c "$cmd" >$LOGS/$i.out 2>$LOGS/$i.err; echo $? >$LOGS/$i.rc
+    if [ -d $MNT/run ]; then cp -r $MNT/run $LOGS/run.$i; fi
+done
+"""
+FILL = "dd if=/dev/zero of=$MNT/filler bs=4096 2>/dev/null"  # the tmpfs is full when dd ends
+
+
+def on_small_tmpfs(tmp_path, size: str, commands: list[str]) -> list[dict]:
+    """Run `commands` (shell lines, $MNT the tmpfs) one after another; each one's exit code, stdout, stderr and a
+    copy of $MNT/run after it."""
+    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
+    mnt.mkdir()
+    logs.mkdir()
+    env = {**ENV, "SIZE": size, "MNT": str(mnt), "LOGS": str(logs)}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK_SCRIPT], input="\n".join(commands) + "\n",
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0
+    return [{"rc": int((logs / f"{i}.rc").read_text()), "out": (logs / f"{i}.out").read_text(),
+             "err": (logs / f"{i}.err").read_text(), "run": logs / f"run.{i}"} for i in range(1, len(commands) + 1)]
+
+
+def cli(*args) -> str:
+    return " ".join([sys.executable, "-m", "cli", *map(str, args)])
+
+
+def one_error_line(result: dict) -> str:
+    lines = result["err"].strip().splitlines()
+    assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), result
+    return lines[0]
+
+
+needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="mounting a small tmpfs needs a user namespace")
+
+
+@needs_tmpfs
+def test_a_real_full_disk_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(char_data, tmp_path):
+    # torch.save meets ENOSPC as an OSError, then raises "RuntimeError: ... unexpected pos" while closing
+    probe = tmp_path / "probe"
+    subprocess.run(cli(*train_args(char_data, probe, "--set", "train.max_iters=1")), shell=True, env=ENV, check=True,
+                   capture_output=True)
+    size = (probe / "ckpt.pt").stat().st_size
+    # ckpt.pt, best.pt and the temporary file of a save fit in 3.3 checkpoints' room; beside a filler of 0.6, the
+    # second save's temporary file does not
+    results = on_small_tmpfs(tmp_path, f"{int(3.3 * size) // 1024}k", [
+        f"head -c {int(0.6 * size)} /dev/zero >$MNT/filler && " + cli(*train_args(
+            char_data, "$MNT/run", "--set", "train.max_iters=6", "--set", "train.eval_interval=2",
+            "--set", "train.eval_iters=1", "--set", "log.interval=1")),
+        "rm $MNT/filler",  # space freed: the run resumes from step 2
+        cli("train", "--resume", "$MNT/run"),
+    ])
+    error = one_error_line(results[0])
+    assert "could not save a checkpoint" in error and "No space left on device" in error
+    assert "previous checkpoint is intact" in error
+    saved = results[0]["run"]
+    assert checkpoint.load_checkpoint(saved)["step"] == 2
+    assert not list(saved.glob(".*.tmp")) and (saved / "lock").read_text() == ""
+    assert results[2]["rc"] == 0, results[2]
+    assert checkpoint.load_checkpoint(results[2]["run"])["step"] == 6
+    assert [r["step"] for r in read_metrics(results[2]["run"]) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@needs_tmpfs
+def test_a_real_full_disk_for_metrics_is_one_line_and_the_run_resumes(char_data, tmp_path):
+    results = on_small_tmpfs(tmp_path, "2m", [
+        cli(*train_args(char_data, "$MNT/run", "--set", "train.max_iters=2", "--set", "train.eval_interval=2",
+                        "--set", "train.eval_iters=1", "--set", "log.interval=1")),
+        FILL + "; truncate -s -8192 $MNT/filler",  # two pages free: metrics.jsonl is rewritten, grows, and fills them
+        cli("train", "--resume", "$MNT/run", "--set", "train.max_iters=200", "--set", "train.eval_interval=1000"),
+        "rm $MNT/filler",
+        cli("train", "--resume", "$MNT/run", "--set", "train.max_iters=200", "--set", "train.eval_interval=1000"),
+    ])
+    assert results[0]["rc"] == 0 and results[1]["rc"] == 0, results[:2]
+    error = one_error_line(results[2])
+    assert "metrics.jsonl (No space left on device)" in error and "last checkpoint is intact" in error
+    assert checkpoint.load_checkpoint(results[2]["run"])["step"] == 2  # the run stopped; its checkpoint is whole
+    assert results[4]["rc"] == 0, results[4]
+    assert [r["step"] for r in read_metrics(results[4]["run"]) if "loss" in r] == list(range(1, 201))
+
+
+@needs_tmpfs
+def test_a_new_run_on_a_full_disk_leaves_nothing_behind(char_data, tmp_path):
+    results = on_small_tmpfs(tmp_path, "200k", [  # config.toml and the metrics fit; the first checkpoint does not
+        cli(*train_args(char_data, "$MNT/run", "--set", "train.max_iters=4", "--set", "train.eval_interval=2")),
+        FILL + "; " + cli(*train_args(char_data, "$MNT/run")),  # not even config.toml fits
+        "ls -A $MNT",
+    ])
+    error = one_error_line(results[0])
+    assert "No space left on device" in error and "nothing was saved" in error
+    assert not results[0]["run"].exists()
+    error = one_error_line(results[1])
+    assert error.startswith("error: cannot write to") and "No space left on device" in error
+    assert results[2]["out"].split() == ["filler"]  # no run folder, no temporary file
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_nothing_behind(char_data, tmp_path):
+    """A batch that passes the memory check (which reads MemAvailable) but not the process's address-space limit:
+    the CPU allocator fails as it would on a machine without the memory."""
+    import resource
+
+    run = tmp_path / "run"
+    limit = 2 * 2**30  # torch and its threads take about 1.2 GiB of address space; the batch asks for more than 2
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "cli", *map(str, train_args(
+        char_data, run, "--set", "train.batch_size=2048", "--set", "model.block_size=256", "--set",
+        "train.max_iters=2"))], env=ENV, capture_output=True, text=True, preexec_fn=cap, timeout=120)
+    error = one_error_line({"rc": done.returncode, "err": done.stderr, "out": done.stdout})
+    assert re.match(r"error: out of memory on cpu \(could not allocate [\d,]+ MiB\): train.batch_size 2048", error)
+    assert "nothing was saved" in error and not run.exists()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -351,3 +351,61 @@ def test_gpu_peaks_match_whole_names_only():
     assert runtime.gpu_peak_flops("NVIDIA L40S") == runtime.GPU_PEAK_FLOPS["L40S"]
     assert runtime.gpu_peak_flops("NVIDIA L40") is None  # not an L4: no figure rather than a wrong one
     assert runtime.gpu_peak_flops("NVIDIA GeForce RTX 4090") == runtime.GPU_PEAK_FLOPS["4090"]
+
+
+@pytest.mark.parametrize("when", ["during_the_step_before_an_evaluation", "during_the_evaluation"])
+def test_a_stop_leaves_no_hole_in_the_evaluation_record(char_data, tmp_path, monkeypatch, when):
+    """Ctrl-C in the step that ends on an evaluation, or in the evaluation itself: the run evaluates that step,
+    saves once and stops there; resumed, it evaluates every eval_interval steps, each once."""
+    import os
+    import signal
+
+    real_step, real_evaluate = train.train_step, train.evaluate
+    steps, saves = [], []
+
+    def step(*args, **kwargs):
+        steps.append(1)
+        if when == "during_the_step_before_an_evaluation" and len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        if when == "during_the_evaluation":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (saves.append(state["step"]), real_save(path, state)))
+    cfg = tiny_config(char_data, tmp_path / "run", train=dict(max_iters=12, eval_interval=4))
+    result = train.train(cfg)
+    assert result.stopped_by == "SIGINT" and result.step == 4 and saves == [4]  # no step trained after the stop
+    monkeypatch.undo()
+    train.train(cfg, checkpoint=checkpoint.load_checkpoint(tmp_path / "run"))
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "val_loss" in m] == [4, 8, 12]
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m] == list(range(1, 13))
+
+
+def test_a_resumed_run_logs_on_into_the_same_wandb_run(char_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(char_data, tmp_path / "run", train=dict(max_iters=2, eval_interval=2), log={"wandb": True})
+    train.train(cfg)
+    first = checkpoint.load_checkpoint(tmp_path / "run")["wandb_run_id"]
+    assert first
+    train.train(replace(cfg, train=replace(cfg.train, max_iters=4)), checkpoint=checkpoint.load_checkpoint(tmp_path / "run"))
+    assert checkpoint.load_checkpoint(tmp_path / "run")["wandb_run_id"] == first
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    # offline-run-DATE_TIME-ID, with -1 added when both started in the same second: `wandb sync` makes them one run
+    assert len(runs) == 2 and all(r.name.split("-")[3] == first for r in runs), runs
+
+
+def test_a_decay_that_ends_inside_warmup_is_refused_and_a_short_run_keeps_its_warmup():
+    with pytest.raises(ValueError, match=r"lr_decay_iters \(50\) must be >= warmup_iters \(100\)"):
+        train.OptimConfig(warmup_iters=100, lr_decay_iters=50)
+    train.OptimConfig(warmup_iters=100, lr_decay_iters=50, schedule="inverse_sqrt")  # it has no decay to end
+    cfg = train.Config(optim=train.OptimConfig(warmup_iters=100), train=train.TrainConfig(max_iters=40))
+    assert train.fix_schedule(cfg).optim.lr_decay_iters == 100  # max_iters inside warmup: the decay starts after it
+    assert train.fix_schedule(replace(cfg, train=replace(cfg.train, max_iters=400))).optim.lr_decay_iters == 400
