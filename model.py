@@ -154,11 +154,69 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return pe[:, :dim]
 
 
-def rope_angles(positions: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's angles p·θ^(-2i/hs) for each position and each pair i, each (T, hs/2)."""
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE stretched to run past the context it was trained on: set at evaluation time only (`minigpt eval
+    --rope-scaling`, as `GPT.rope_scaling`), never trained with. `factor` s >= 1 (1 changes nothing); `original` is
+    the trained context (block_size), which YaRN's ramp measures wavelengths against.
+      linear  positions divided by s (Chen 2023, position interpolation)
+      ntk     the base raised to θ·s^(hs/(hs-2)) ("NTK-aware"): the lowest frequency is divided by s, the highest kept
+      yarn    each frequency divided by s where its wavelength is long against the original context, kept where it
+              turns more than beta_fast times in it, a linear ramp between (Peng 2023); and queries and keys each
+              scaled by 0.1·ln(s) + 1, so attention logits by its square (YaRN's temperature)"""
+
+    kind: Literal["linear", "ntk", "yarn"]
+    factor: float
+    original: int
+    beta_fast: float = 32.0  # YaRN's defaults: rotations in the original context above which a pair is kept,
+    beta_slow: float = 1.0  # and below which it is interpolated
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "ntk", "yarn"):
+            raise ValueError(f"RoPE scaling is linear, ntk or yarn, got {self.kind!r}")
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"the RoPE scaling factor must be >= 1 (1 = unscaled), got {self.factor}")
+        if self.original < 1:
+            raise ValueError(f"the original context must be >= 1, got {self.original}")
+
+
+def rope_angles(positions: torch.Tensor, head_size: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles p·θ^(-2i/hs) for each position and each pair i, each (T, hs/2); `scaling`
+    changes them as RopeScaling says."""
+    if scaling is not None:
+        return scaled_rope_angles(positions, head_size, theta, scaling)
     inv_freq = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
     angles = positions.float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
+
+
+def scaled_rope_angles(positions: torch.Tensor, head_size: int, theta: float,
+                       scaling: RopeScaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_angles under a RopeScaling: at factor 1 every kind gives exactly the unscaled angles."""
+    s, pos = scaling.factor, positions.float()
+    dims = torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size  # 2i/hs
+    inv_freq, magnitude = theta ** (-dims), 1.0
+    if scaling.kind == "linear":
+        pos = pos / s
+    elif scaling.kind == "ntk":  # with one pair (hs = 2) its frequency is 1 whatever the base
+        inv_freq = (theta * s ** (head_size / (head_size - 2) if head_size > 2 else 1.0)) ** (-dims)
+    else:  # yarn: pair i turns original·θ^(-2i/hs)/2π times in the original context
+        if not theta > 1:
+            raise ValueError(f"YaRN ranks RoPE's pairs by wavelength, which needs rope_theta > 1, got {theta}")
+
+        def pair_turning(rotations: float) -> float:
+            return head_size * math.log(scaling.original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(pair_turning(scaling.beta_fast)), 0)
+        high = min(math.ceil(pair_turning(scaling.beta_slow)), head_size - 1)  # as YaRN's code (and HF) bound it
+        high = high + 0.001 if high == low else high
+        ramp = ((torch.arange(head_size // 2, dtype=torch.float32, device=positions.device) - low)
+                / (high - low)).clamp(0, 1)  # 0: kept (extrapolated), 1: divided by s (interpolated)
+        inv_freq = inv_freq + (inv_freq / s - inv_freq) * ramp
+        magnitude = 0.1 * math.log(s) + 1.0
+    angles = pos[:, None] * inv_freq[None, :]
+    return angles.cos() * magnitude, angles.sin() * magnitude
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -316,7 +374,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
 
 
 def attention_inputs(cfg: GPTConfig, qpos: torch.Tensor, kpos: torch.Tensor | None, prefix_len: int | torch.Tensor,
-                     alibi: torch.Tensor | None = None, key_mask: torch.Tensor | None = None) -> AttentionInputs:
+                     alibi: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                     rope_scaling: RopeScaling | None = None) -> AttentionInputs:
     """The rotary angles and the mask for queries at positions qpos (T,) over keys at kpos (S,): a KV cache's
     slot positions (-1 for an empty slot), or None for the queries themselves (no cache; qpos = 0..T-1).
 
@@ -326,7 +385,7 @@ def attention_inputs(cfg: GPTConfig, qpos: torch.Tensor, kpos: torch.Tensor | No
     mask differ per example, (B, 1 or nh, T, S): a prefix_len tensor (B,), each example's own prefix (a prefix-LM
     on pairs), and key_mask (B, S), False on padding keys (an encoder's padded sources). `alibi`: the (nh,) slopes.
     """
-    rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+    rope = rope_angles(qpos, cfg.head_size, cfg.rope_theta, rope_scaling) if cfg.pos_encoding == "rope" else None
     cached = kpos is not None
     per_example = isinstance(prefix_len, torch.Tensor) or key_mask is not None
     if not cached:
@@ -575,6 +634,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: the output layer reads the input embedding back
+        self.rope_scaling: RopeScaling | None = None  # evaluation's stretched RoPE (minigpt eval --rope-scaling)
         if cfg.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.apply(self._init_weights)
@@ -614,7 +674,8 @@ class GPT(nn.Module):
 
     def attention_inputs(self, qpos: torch.Tensor, kpos: torch.Tensor | None,
                          prefix_len: int | torch.Tensor) -> AttentionInputs:
-        return attention_inputs(self.config, qpos, kpos, prefix_len, getattr(self, "alibi_slopes", None))
+        return attention_inputs(self.config, qpos, kpos, prefix_len, getattr(self, "alibi_slopes", None),
+                                rope_scaling=self.rope_scaling)
 
     def trunk(self, idx: torch.Tensor, kv_cache: KVCache | None = None, reference: bool = False,
               prefix_len: int | torch.Tensor | None = None,

@@ -126,6 +126,7 @@ class LogConfig:
     wandb: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without network)
     wandb_project: str = "minigpt"
     wandb_run_name: str = ""  # "" = the name of run.out_dir
+    plot: bool = True  # draw loss.png into run.out_dir when the run ends: a look at the run costs nothing to ask for
 
     def __post_init__(self) -> None:
         if self.interval < 1:
@@ -524,7 +525,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
             "tokenizer": meta["tokenizer"], "data": data_info(cfg, meta),
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
-            "wandb_run_id": wandb_run_id,
+            "wandb_run_id": wandb_run_id, "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
         }
 
     def save(improved: bool = False, evaluated: bool = False) -> None:
@@ -550,6 +551,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
 
     last_eval, stopped_by, bad_in_a_row, skipped = None, None, 0, 0
     wandb_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None else None  # W&B's run, resumed with it
+    elapsed_before = checkpoint.get("elapsed_s", 0.0) if checkpoint is not None else 0.0  # earlier processes' elapsed_s
     saved_at = step if checkpoint is not None else None  # the step the checkpoint on disk holds
     eval_time = 0.0  # seconds the last evaluation took: the ETA counts the evaluations still to come
     step_time, windows_logged, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
@@ -575,6 +577,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             cleanup.callback(logger.close)
         stop = cleanup.enter_context(stop_on_signals())
         model.train()
+        loop_start = time.perf_counter()  # elapsed_s: training wall time, evaluations included, summed across resumes
         while step < cfg.train.max_iters:
             lr = lr_at(step, cfg.optim, cfg.train.max_iters)
             seed_step(cfg.run.seed, step, rt.rank, rt.device)  # each process its own dropout masks, the same after a resume
@@ -610,7 +613,8 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                           flush=True)
                     extra = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
                     logger.record(step, loss=loss_value, nll=nll.item(), lr=lr, tokens_per_s=tok_s, mfu=mfu,
-                                  tokens_seen=tokens_seen, skipped_steps=skipped, **extra)
+                                  tokens_seen=tokens_seen, skipped_steps=skipped,
+                                  elapsed_s=elapsed_before + now - loop_start, **extra)
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
                 eval_start = time.perf_counter()
@@ -637,6 +641,13 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     if stopped_by and rt.is_main:
         print(f"stopped by {stopped_by} at step {step}; checkpoint saved in {out_dir}/ckpt.pt\n"
               f"resume with: minigpt train --resume {out_dir}", flush=True)
+    if cfg.log.plot and rt.is_main:  # a picture of the run; never a reason for the run to fail
+        try:
+            from plots import plot_runs  # matplotlib is imported here only
+
+            plot_runs([out_dir], out_dir / "loss.png")
+        except (Exception, KeyboardInterrupt) as e:  # a second Ctrl-C while drawing: the run is saved, just end
+            print(f"note: no {out_dir}/loss.png ({type(e).__name__}: {e}); the run itself is saved", flush=True)
     return TrainResult(step, best_val_loss, last_eval, stopped_by, rt.world_size)
 
 

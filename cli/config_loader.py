@@ -399,6 +399,7 @@ def load_config(cls: type, path: str | os.PathLike, overrides: Iterable[str] = (
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); is it really a TOML file?") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    data.pop("sweep", None)  # `minigpt sweep`'s own table (sweep.py reads and checks it): not a run's setting
     return build_config(cls, data, overrides)
 
 

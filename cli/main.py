@@ -240,6 +240,31 @@ def sample(
         sampler.sample(run, prompt, num_samples, sc, write=write)
 
 
+@app.command()
+def attention(
+    run: Path = typer.Argument(..., help="a run folder written by `minigpt train`, or one of its .pt files"),
+    out: Path = typer.Option(..., help="folder to write attention.png/.svg/.html, heads.json and lens.png into"),
+    prompt: Optional[str] = typer.Option(None, help="the text to look at (a pairs run: the source)"),
+    prompt_file: Optional[Path] = typer.Option(None, help="read the prompt from this file"),
+    probe: Optional[str] = typer.Option(None, help="induction: random tokens repeated, sized to the context, in "
+                                        "place of a prompt"),
+    target: Optional[str] = typer.Option(None, help="a pairs run's target (default: decoded greedily)"),
+    layer: Optional[int] = typer.Option(None, help="draw this layer only (0-based)"),
+    head: Optional[int] = typer.Option(None, help="draw this head only (0-based); with --layer, one map at full size"),
+    aggregate: Optional[str] = typer.Option(None, help="mean | max | rollout: one map per layer instead of per head"),
+    stack: Optional[str] = typer.Option(None, help="an encoder-decoder's decoder | encoder | cross (default: all "
+                                        "three)"),
+    checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt) | best (best.pt) (default: latest)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+):
+    """What every head attends to: maps (attention.png/.svg), an interactive page (attention.html), a score card
+    per head (heads.json and a table), and the logit lens (lens.png and a table)."""
+    import attention_maps
+
+    attention_maps.attention_run(run, out, prompt, prompt_file, probe, target, checkpoint, device, layer, head,
+                                 aggregate, stack, write=typer.echo)
+
+
 @app.command("eval")
 def eval_(
     run: Path = typer.Argument(..., help="a run folder written by `minigpt train`, or one of its .pt files"),
@@ -255,15 +280,46 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt) | best (best.pt) [default: latest]"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    lengths: Optional[str] = typer.Option(None, help="score the same tokens with a context of each length, past "
+                                          "block_size too: e.g. 64,128,256,512"),
+    stride: Optional[int] = typer.Option(None, help="with --lengths: windows advance by S tokens, scoring their last S "
+                                         "[default: non-overlapping windows]"),
+    per_position: bool = typer.Option(False, "--per-position", help="with --lengths: also the loss by position in "
+                                      "the window"),
+    max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens of the val split in each "
+                                             "evaluation (default: all of it)"),
+    rope_scaling: Optional[str] = typer.Option(None, help="stretch RoPE for this evaluation: linear | ntk | yarn"),
+    rope_factor: Optional[float] = typer.Option(None, help="with --rope-scaling: by this factor (>= 1)"),
 ):
     """Score a run on a dataset split: exact match, token accuracy, BLEU, chrF and loss of its targets for pairs;
-    loss, perplexity and bits per byte on a token stream."""
+    loss, perplexity and bits per byte on a token stream, or with --lengths for each context length."""
     import json
 
     import evaluation
 
-    result = evaluation.evaluate_run(run, data, split, beams, length_penalty, max_examples, out, checkpoint, device)
+    result = evaluation.evaluate_run(run, data, split, beams, length_penalty, max_examples, out, checkpoint, device,
+                                     lengths=lengths, stride=stride, per_position=per_position, max_tokens=max_tokens,
+                                     rope_scaling=rope_scaling, rope_factor=rope_factor)
     typer.echo(json.dumps(result) if as_json else evaluation.format_result(result, run))
+
+
+@app.command()
+def positions(
+    target: Path = typer.Argument(..., help="a TOML config, or a run folder (or one of its .pt files) for its learned "
+                                  "position table"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: --set model.rope_theta=500000 "
+                                   "(repeatable)"),
+    out: Path = typer.Option(..., "--out", help="folder for the PNGs (created if missing)"),
+):
+    """Draw the positional encodings as PNGs: the sinusoidal table and how alike its positions are, a trained run's
+    learned table likewise, RoPE's score by relative offset and ALiBi's bias for each head."""
+    import position_plots
+
+    position_plots.check_out_dir(out)
+    cfg, checkpoint = config_from(target, set_, read_only=True)
+    lines, notes = position_plots.write_position_plots(cfg.model, checkpoint, out)
+    for line in lines + [f"note: {n}" for n in notes]:
+        typer.echo(line)
 
 
 @app.command()
@@ -294,6 +350,52 @@ def inspect(
     except ValueError as e:
         raise UserError(f"cannot build this model: {e}") from None
     typer.echo(json.dumps(report, indent=2) if as_json else inspection.format_report(report))
+
+
+@app.command()
+def plot(
+    runs: List[Path] = typer.Argument(..., help="run folders written by `minigpt train` (one or more)",
+                                      metavar="RUN"),
+    out: Path = typer.Option(..., "--out", help="the picture to write: FILE.png or FILE.svg"),
+    x: str = typer.Option("step", "--x", help="step | tokens | time (training wall time, summed across resumes)"),
+    smooth: int = typer.Option(1, "--smooth", help="plot the train loss as the mean of the last W records "
+                               "(1 = raw)", metavar="W"),
+    log: bool = typer.Option(False, "--log", help="logarithmic loss axis"),
+):
+    """Draw the train and val loss of runs from their metrics.jsonl; several runs are named by what differs
+    between their configs."""
+    import plots
+
+    typer.echo(f"wrote {plots.plot_runs(runs, out, x=x, window=smooth, log=log)}")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="a TOML config; a sweep table in it (vary, seeds, lengths, "
+                                  "rope_scalings, rope_factor, max_tokens) gives the defaults of the options below"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key for every run: --set train.max_iters=500 "
+                                   "(repeatable)"),
+    vary: List[str] = typer.Option([], "--vary", help="KEY=V1,V2,...: train with each value; several --vary: every "
+                                   "combination", metavar="KEY=V1,V2"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="runs per combination, seeded run.seed, run.seed + 1, "
+                                        "... (default 1)"),
+    lengths: Optional[str] = typer.Option(None, help="also score every run with a context of each length, e.g. "
+                                          "64,128,256,512 (minigpt eval --lengths)"),
+    rope_scaling: Optional[str] = typer.Option(None, "--rope-scaling", help="with --lengths: extra rows for the RoPE "
+                                               "runs scored with these scalings, e.g. linear,ntk,yarn"),
+    rope_factor: Optional[float] = typer.Option(None, help="with --rope-scaling: by this factor (>= 1)"),
+    max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens of the val split in each "
+                                             "evaluation (default: all of it)"),
+    out: Path = typer.Option(..., "--out", help="the sweep's folder: runs/<name>/ for each run, results.md, "
+                             "results.json, loss.png, lengths.png"),
+):
+    """Train every combination of --vary values (and --seeds seeds each), evaluate every run and tabulate the mean
+    and spread over seeds. Killed or stopped, the same command continues: finished runs are not trained again."""
+    import sweep as sweeps
+
+    plan = sweeps.plan_sweep(config, set_, vary, out, seeds=seeds, lengths=lengths, rope_scaling=rope_scaling,
+                             rope_factor=rope_factor, max_tokens=max_tokens)
+    sweeps.run_sweep(plan, log=typer.echo)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure training and sampling speed after warm-up.")

@@ -122,7 +122,7 @@ def tiny_config(data_dir, out_dir, **sections):
         "optim": dict(lr=3e-3, min_lr=3e-4, warmup_iters=2),
         "train": dict(batch_size=4, max_iters=8, eval_interval=4, eval_iters=2),
         "run": dict(out_dir=str(out_dir), device="cpu", dtype="float32"),
-        "log": dict(interval=1),
+        "log": dict(interval=1, plot=False),  # drawing loss.png costs ~0.2 s a run: test_plots.py turns it on
     }
     cfg = train.Config()
     for name, values in base.items():

@@ -246,6 +246,7 @@ def test_nanogpt_output_parsers():
         bench.tokens_per_s_from_runs(500, 2.0, 2.1)
 
 
+@pytest.mark.once
 def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path):
     r = CliRunner().invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "sample", "--case", "cpu",
                                  "--quality", "--input", str(corpus_path), "--steps", "3", "--warmup", "2",

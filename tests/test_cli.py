@@ -43,6 +43,7 @@ def test_every_shipped_config_loads_and_builds(path):
     assert type(model).__name__ == ("EncoderDecoder" if cfg.model.arch == "encoder_decoder" else "GPT")
 
 
+@pytest.mark.once
 def test_help_is_instant_and_imports_no_torch():
     code = "import sys; from cli.main import app; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

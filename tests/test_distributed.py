@@ -166,10 +166,10 @@ def max_diffs(run_dir, reference) -> dict[str, float]:
     return diffs
 
 
-def assert_same_run(run_dir, reference) -> None:
+def assert_same_run(run_dir, reference, tol: float = TOL) -> None:
     diffs = max_diffs(run_dir, reference)
-    bad = {k: v for k, v in diffs.items() if not v <= TOL}
-    assert not bad, f"differs from the single-process run by more than {TOL}: {bad}"
+    bad = {k: v for k, v in diffs.items() if not v <= tol}
+    assert not bad, f"differs from the single-process run by more than {tol}: {bad}"
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,7 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+@pytest.mark.once
 def test_a_killed_worker_makes_the_whole_job_exit_nonzero(char_data, tmp_path):
     out_dir = tmp_path / "long"
     args = train_args(char_data, out_dir, **{"train.max_iters": 100000, "train.eval_interval": 100000,
@@ -406,4 +407,7 @@ def test_experts_that_get_no_tokens_on_a_process_train_under_torchrun(strategy, 
 
     run = train_ok(2, char_data, tmp_path / strategy, tmp_path, **MOE, **{"run.distributed": strategy})
     assert all(math.isfinite(v) for v in records(run, "loss").values())
-    assert_same_run(run, moe_reference)
+    # a router weight whose gradient is nearly zero in some step moves by lr · g / √v under AdamW, so the rounding of
+    # the reduction (its order differs with 2 processes) shows up to ~1.6e-6 on conftest's small corpus, 5e-7 on
+    # Shakespeare: the same run, to float32 rounding amplified that way
+    assert_same_run(run, moe_reference, tol=1e-5)

@@ -95,6 +95,7 @@ def all_finite(tensors: dict) -> bool:
 # 1. SIGKILL at random moments, over and over: the checkpoint always loads and the final log is whole.
 
 
+@pytest.mark.once
 def test_random_sigkills_never_break_the_run(char_data, tmp_path):
     max_iters, kills_wanted = 150, 8  # long enough that a fast CPU still sees several kills before the end
     rng = random.Random(20250611)
@@ -165,6 +166,7 @@ def test_random_sigkills_never_break_the_run(char_data, tmp_path):
 # 2. Signals through a real process: SIGTERM saves and exits 0; a second SIGINT exits at once.
 
 
+@pytest.mark.once
 def test_sigterm_then_double_sigint(char_data, tmp_path):
     run = tmp_path / "run"
     bigger = ["--set", "model.n_embd=256", "--set", "train.max_iters=100000"]  # ~40 MB saves every other step
@@ -398,6 +400,7 @@ def one_error_line(result: dict) -> str:
 needs_tmpfs = pytest.mark.skipif(not can_mount_tmpfs(), reason="mounting a small tmpfs needs a user namespace")
 
 
+@pytest.mark.once
 @needs_tmpfs
 def test_a_real_full_disk_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(char_data, tmp_path):
     # torch.save meets ENOSPC as an OSError, then raises "RuntimeError: ... unexpected pos" while closing
@@ -425,6 +428,7 @@ def test_a_real_full_disk_at_a_save_is_one_line_and_keeps_the_previous_checkpoin
     assert [r["step"] for r in read_metrics(results[2]["run"]) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.once
 @needs_tmpfs
 def test_a_real_full_disk_for_metrics_is_one_line_and_the_run_resumes(char_data, tmp_path):
     results = on_small_tmpfs(tmp_path, "2m", [
@@ -443,6 +447,7 @@ def test_a_real_full_disk_for_metrics_is_one_line_and_the_run_resumes(char_data,
     assert [r["step"] for r in read_metrics(results[4]["run"]) if "loss" in r] == list(range(1, 201))
 
 
+@pytest.mark.once
 @needs_tmpfs
 def test_a_new_run_on_a_full_disk_leaves_nothing_behind(char_data, tmp_path):
     results = on_small_tmpfs(tmp_path, "200k", [  # config.toml and the metrics fit; the first checkpoint does not
@@ -458,6 +463,7 @@ def test_a_new_run_on_a_full_disk_leaves_nothing_behind(char_data, tmp_path):
     assert results[2]["out"].split() == ["filler"]  # no run folder, no temporary file
 
 
+@pytest.mark.once
 def test_running_out_of_memory_is_one_line_and_leaves_nothing_behind(char_data, tmp_path):
     """A batch that passes the memory check (which reads MemAvailable) but not the process's address-space limit:
     the CPU allocator fails as it would on a machine without the memory."""
@@ -481,6 +487,7 @@ def test_running_out_of_memory_is_one_line_and_leaves_nothing_behind(char_data, 
 # 5. One trainer per run folder; a killed trainer's lock is taken over.
 
 
+@pytest.mark.once
 def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(char_data, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "first.log"

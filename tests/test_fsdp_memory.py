@@ -235,6 +235,7 @@ def ran(result: subprocess.CompletedProcess, nproc: int) -> None:
     assert f"| {nproc} x cpu float32 |" in result.stdout
 
 
+@pytest.mark.once
 def test_each_process_holds_half_of_what_one_process_holds_through_the_build_and_the_resume(char_data, tmp_path,
                                                                                             monkeypatch):
     try:  # what BuildMemoryLog resets (Linux >= 4.0)
@@ -348,6 +349,7 @@ runtime.end_torchrun_worker()
 """
 
 
+@pytest.mark.once
 def test_an_initialisation_that_cannot_be_redrawn_comes_from_rank_0(tmp_path):
     script = tmp_path / "fallback.py"
     script.write_text(FALLBACK)

@@ -249,6 +249,7 @@ print(runtime.keep_freed_memory() if sys.argv[1] == "setup" else None, *counts)
 """
 
 
+@pytest.mark.once
 def test_cpu_runtime_keeps_freed_memory_on_glibc():
     """On glibc, setup_runtime raises malloc's mmap threshold so that freed activations are reused, not handed
     back to the kernel and page-faulted in again at the next step; elsewhere it does nothing and says so.
