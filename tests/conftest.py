@@ -135,3 +135,24 @@ def read_metrics(run_dir) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): they
+    run a token or a small batch at a time, so a second thread only waits for the first (and the machine is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def error_line(result) -> str:
+    """The one `error:` line of a refused command (a typer CliRunner result): exit code 2, nothing on stdout."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

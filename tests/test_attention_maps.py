@@ -22,12 +22,7 @@ from encoder_decoder import EncoderDecoder
 from model import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def causal(T):

@@ -17,20 +17,14 @@ from typer.testing import CliRunner
 
 import evaluation
 from cli.main import app
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, error_line, tiny_config
 
 PAIR_KEYS = {"examples", "exact_match", "token_accuracy", "bleu", "chrf", "loss", "split", "data", "checkpoint_step",
              "beams"}
 STREAM_KEYS = {"loss", "perplexity", "bits_per_byte", "tokens", "split", "data", "checkpoint_step"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode a token at a time: a second thread only waits for the first (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def prepare(source, out, examples=16):
@@ -327,9 +321,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, ws, copy_run, sho
                  decoder=short_runs["decoder"], masked=other_stream_runs["masked"], span=other_stream_runs["span"])
     args = [a.format(**names) for a in args]
     before = snapshot(ws, char_data)
-    r = cli(*args)
-    assert r.exit_code == 2, r.output
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    assert expected in error_line(cli(*args))
     assert snapshot(ws, char_data) == before

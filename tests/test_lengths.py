@@ -17,18 +17,13 @@ from typer.testing import CliRunner
 
 import evaluation
 from cli.main import app
-from conftest import tiny_config
+from conftest import error_line, tiny_config
 from model import GPT, AttentionInputs, GPTConfig, RopeScaling, rope_angles
 
 T = 16  # the tiny runs' block_size (conftest.tiny_config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -339,9 +334,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, ws, rope_run, lea
     args, expected = BAD[case]
     args = [a.format(rope=rope_run, learned=learned_run, prefix=prefix) for a in args]
     before = snapshot(ws, char_data)
-    r = cli(*args)
-    assert r.exit_code == 2, r.output
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+    assert expected in error_line(cli(*args))
     assert snapshot(ws, char_data) == before

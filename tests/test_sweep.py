@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import sweep
@@ -20,12 +19,7 @@ from conftest import REPO_ROOT, SMALL_CORPUS
 DEBUG = REPO_ROOT / "config" / "debug.toml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
