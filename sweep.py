@@ -345,7 +345,12 @@ def run_sweep(plan: Plan, log: Callable[[str], None] = print) -> dict | None:
         else:
             log(f"{head}: trained" + (", evaluating again (other evaluation settings)" if done else ", evaluating"))
         checkpoint = None  # lets go of the memory-mapped file
-        result = evaluate(folder, cfg, plan.evals)
+        try:
+            result = evaluate(folder, cfg, plan.evals)
+        except KeyboardInterrupt:  # Ctrl-C while evaluating: the run is trained and saved, only its scores are lost
+            log(f"sweep stopped by SIGINT while evaluating run {i}/{len(plan.runs)} ({folder}); run the same command "
+                "again to evaluate it and continue")
+            return None
         atomic_write(folder / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     results = summarize(plan)
     write_results(plan, results, log)

@@ -180,3 +180,28 @@ def test_an_unknown_sweep_table_key_and_another_sweeps_folder_are_errors(small_d
     result = CliRunner().invoke(app, ["sweep", str(DEBUG), "--set", f"data.dir={small_data}", "--vary",
                                       "model.n_layer=1,2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "holds another sweep" in result.stderr
+
+
+def test_ctrl_c_during_an_evaluation_stops_the_sweep_and_the_same_command_evaluates_it(small_data, tmp_path,
+                                                                                      monkeypatch):
+    import sweep
+
+    real, calls = sweep.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first run is scored
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", interrupted)
+    out = tmp_path / "sweep"
+    args = sweep_args(small_data, out)
+    args[args.index("--seeds") + 1] = "1"
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "sweep stopped by SIGINT while evaluating run 1/2" in first.stdout, first.output
+    assert (out / "runs" / "pos_encoding-rope_seed1337" / "ckpt.pt").is_file() and not (out / "results.json").exists()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "run 1/2: model.pos_encoding=rope seed=1337: trained, evaluating" in again.stdout
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 3
