@@ -138,6 +138,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, 
     """logits (B, V) -> next token ids (B, 1). Runs on the logits' device; no host sync."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k, top_p), num_samples=1, generator=generator)
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (B, V) -> the probabilities (B, V) that sample_next_token draws from (temperature > 0): temperature,
+    then top-k, then top-p."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
@@ -148,8 +154,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, 
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top token always stays
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return F.softmax(logits, dim=-1)
 
 
 def decode_one(model: GPT, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -309,6 +314,224 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
         write(decoder.decode(b"", final=True))
         texts.append(prompt + run.tokenizer.decode(new))
     write("\n")
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speculative decoding: a small draft model proposes tokens, the target checks them in one forward pass
+
+
+def check_draft(run: LoadedRun, draft: LoadedRun, draft_name: str | Path = "the draft") -> None:
+    """A draft must decode a token stream with the target's tokenizer, by a causal GPT (as the target)."""
+    if run.tokenizer.spec != draft.tokenizer.spec:
+        raise UserError(f"--draft {draft_name} uses another tokenizer ({draft.tokenizer.spec.get('kind')}, "
+                        f"{draft.tokenizer.vocab_size} ids) than the run ({run.tokenizer.spec.get('kind')}, "
+                        f"{run.tokenizer.vocab_size} ids): speculative decoding needs one tokenizer for both")
+    for name, r in (("the run", run), (f"--draft {draft_name}", draft)):
+        if r.pairs:
+            raise UserError(f"--draft applies to a token stream; {name} decodes targets for sources (trained on "
+                            "pairs): drop --draft")
+        cfg = r.model.config
+        if not isinstance(r.model, GPT) or cfg.mask_token is not None or cfg.attn_mask != "causal":
+            kind = ("a bidirectional" if cfg.mask_token is not None else "a prefix-LM" if cfg.attn_mask == "prefix"
+                    else "not a causal")
+            raise UserError(f"--draft needs causal GPTs; {name} is {kind} model: drop --draft")
+
+
+class CachedReader:
+    """One model reading a growing token sequence through its own KV cache, as `decode_steps` reads it: learned
+    positions end at block_size, so when the context is full its window moves on by half a block and the cache is
+    rebuilt (`move_window`, the rule of decode_steps); other encodings continue their positions, each token seeing
+    the last `window` ones, in a ring with room for the window plus every position one check may take back.
+
+    The cache holds seq[start:start + cache.next_pos] at positions 0, 1, ...; `forward` reads the tokens after
+    those (up to the sequence's end, plus any proposals), `truncate` forgets the positions of rejected ones."""
+
+    def __init__(self, model: GPT, rt: Runtime | None, max_back: int):
+        cfg = model.config
+        self.model, self.cfg = model, cfg
+        self.device = next(model.parameters()).device
+        self.autocast = rt.autocast() if rt is not None else torch.autocast("cpu", enabled=False)
+        self.learned = cfg.pos_encoding == "learned"
+        dtype = rt.dtype if rt is not None else next(model.parameters()).dtype
+        # learned: positions stay below block_size, and so do slots (nothing wraps). Otherwise a forward of n
+        # tokens overwrites the oldest slots, which must be older than any key a later query reads, even after a
+        # rollback of max_back positions: 2 windows + max_back + 1 slots, and forwards of window + max_back + 2 at most
+        max_len = cfg.block_size if self.learned else 2 * cfg.window + max_back + 1
+        self.chunk = max_len if self.learned else max_len - cfg.window + 1
+        self.cache = KVCache(cfg, 1, max_len=max_len, device=self.device, dtype=dtype)
+        self.start = 0
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.start = 0
+
+    def move_window(self, length: int) -> None:
+        """Before reading a sequence of `length` tokens: past block_size (learned positions), move on by half a
+        block, as decode_steps does."""
+        room = self.cfg.block_size
+        if self.learned and length - self.start > room:
+            self.start = length - max(1, room // 2)
+            self.cache.reset()
+
+    def room(self, length: int) -> int:
+        """How many more tokens than `length` fit the current window (learned positions)."""
+        return self.cfg.block_size + self.start - length if self.learned else 1 << 30
+
+    def forward(self, seq: list[int], extra: list[int], rows: int, vocab_size: int) -> torch.Tensor:
+        """Logits (rows, vocab_size) at the last `rows` of seq + extra, reading what the cache lacks."""
+        tokens = seq[self.start + self.cache.next_pos:] + extra
+        head, tail = tokens[:len(tokens) - rows], tokens[len(tokens) - rows:]
+        with self.autocast:
+            for i in range(0, len(head), self.chunk):
+                self.model(torch.tensor([head[i:i + self.chunk]], device=self.device), kv_cache=self.cache)
+            out = self.model(torch.tensor([tail], device=self.device), kv_cache=self.cache)[0]
+        return out[0, :, :vocab_size].float()  # padded ids are never drawn
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens of the sequence (forget the positions after them)."""
+        n = length - self.start
+        if self.cache.next_pos > n:
+            self.cache.slot_pos.masked_fill_(self.cache.slot_pos >= n, -1)
+            self.cache.next_pos = n
+
+
+class SpeculativeDecoder:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), batch 1.
+
+    Each `step`: the draft proposes k tokens one at a time through its KV cache, drawing d_i from q_i; the target
+    reads its pending token and the k proposals in one forward through its own cache, giving p_1 .. p_k+1. Proposal
+    d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection a token is drawn from
+    norm(max(0, p_i - q_i)) instead and the step ends; when all k are accepted, one more is drawn from p_k+1. p and
+    q are the distributions `sample_next_token` draws from (temperature, top-k, top-p), so every emitted token has
+    exactly the target's distribution. At temperature 0 a proposal is accepted iff it is the target's argmax, and
+    the correction is that argmax: the output is the target's greedy output, token for token.
+
+    Both caches hold every token but the newest; after a rejection both are cut back to that. The target reads
+    every token in the context a plain run would (`CachedReader`): with learned positions k shrinks so that the
+    step's tokens share one window, and where the window must move first the step reads one token without the
+    draft (k = 0), as decode_steps does there."""
+
+    def __init__(self, target: GPT, draft: GPT, vocab_size: int, draft_tokens: int = 4, *, temperature: float = 0.8,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 target_rt: Runtime | None = None, draft_rt: Runtime | None = None):
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        self.vocab_size, self.draft_tokens = vocab_size, draft_tokens
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.target = CachedReader(target, target_rt, draft_tokens)
+        self.draft = CachedReader(draft, draft_rt, draft_tokens)
+        self.device = self.target.device
+        self.proposed = self.accepted = self.forwards = self.emitted = 0
+        self.seq: list[int] = []
+
+    def start(self, prompt: list[int]) -> None:
+        self.seq = list(prompt[-self.target.cfg.block_size:])  # as decode_steps crops the prompt
+        self.target.reset()
+        self.draft.reset()
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return token_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    @torch.no_grad()
+    def step(self, k: int | None = None) -> list[int]:
+        """Propose up to k (default draft_tokens) tokens and check them; return the tokens emitted (the accepted
+        ones plus one)."""
+        n = len(self.seq)
+        self.target.move_window(n)
+        self.draft.move_window(n)
+        # the target reads lengths n .. n + k in its window, the draft n .. n + k - 1 in its own
+        k = max(0, min(self.draft_tokens if k is None else k, self.target.room(n), self.draft.room(n) + 1))
+        greedy = self.temperature == 0
+        proposals, qs = [], []
+        for _ in range(k):
+            logits = self.draft.forward(self.seq, proposals[-1:], 1, self.vocab_size)
+            if greedy:
+                proposals.append(int(logits.argmax()))
+            else:
+                q = self._probs(logits)
+                qs.append(q[0])
+                proposals.append(int(torch.multinomial(q, 1, generator=self.generator)))
+        logits = self.target.forward(self.seq, proposals, k + 1, self.vocab_size)  # (k + 1, V)
+        if greedy:
+            best = logits.argmax(dim=-1).tolist()
+            a = 0
+            while a < k and proposals[a] == best[a]:
+                a += 1
+            token = best[a]
+        else:
+            p = self._probs(logits)  # (k + 1, V)
+            a = 0
+            if k:
+                q, rows = torch.stack(qs), torch.arange(k, device=self.device)
+                d = torch.tensor(proposals, device=self.device)
+                u = torch.rand(k, generator=self.generator, device=self.device)
+                accept = u * q[rows, d] < p[rows, d]  # u < p / q: probability min(1, p / q)
+                a = int(accept.long().cumprod(0).sum())  # the accepted prefix
+            if a < k:
+                residual = (p[a] - q[a]).clamp_min(0)
+                if not residual.sum() > 0:  # p == q up to rounding: no mass left over (a rejection is then ~never)
+                    residual = p[a]
+                token = int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+            else:
+                token = int(torch.multinomial(p[k], 1, generator=self.generator))
+        out = proposals[:a] + [token]
+        self.seq += out
+        self.target.truncate(n + a)  # both hold the new sequence but its newest token, at most
+        self.draft.truncate(n + a)
+        self.proposed += k
+        self.accepted += a
+        self.forwards += 1
+        self.emitted += len(out)
+        return out
+
+    def summary(self) -> str:
+        rate = f" ({100 * self.accepted / self.proposed:.0f}%)" if self.proposed else ""
+        per = self.emitted / self.forwards if self.forwards else 0.0
+        return (f"draft: {self.accepted}/{self.proposed} proposed tokens accepted{rate}, "
+                f"{per:.1f} tokens per target forward")
+
+
+def generate_speculative(dec: SpeculativeDecoder, prompt: list[int], max_new_tokens: int, *,
+                         stop_token: int | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
+    """`generate` with a draft: the new token ids for one prompt, up to max_new_tokens or `stop_token` (left out)."""
+    dec.start(prompt)
+    out: list[int] = []
+    while True:
+        for t in dec.step():
+            if t == stop_token:
+                return out
+            out.append(t)
+            if on_token is not None:
+                on_token(t)
+            if len(out) == max_new_tokens:
+                return out
+
+
+def sample_speculative(run: LoadedRun, draft: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
+                       draft_tokens: int = 4, write: Callable[[str], None] = print,
+                       log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[str]:
+    """`sample` with a draft model proposing `draft_tokens` at a time; the acceptance rate goes to `log`."""
+    if draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+    check_draft(run, draft)
+    ids = encode_prompt(run.tokenizer, prompt)
+    generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
+    dec = SpeculativeDecoder(run.model, draft.model, run.tokenizer.vocab_size, draft_tokens,
+                             temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, generator=generator,
+                             target_rt=run.rt, draft_rt=draft.rt)
+    texts = []
+    for i in range(num_samples):
+        if i:
+            write("\n" + "-" * 40 + "\n")
+        write(prompt)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        new = generate_speculative(dec, ids, sc.max_new_tokens, stop_token=run.tokenizer.eot_token,
+                                   on_token=lambda t: write(decoder.decode(run.tokenizer.decode_bytes([t]))))
+        write(decoder.decode(b"", final=True))
+        texts.append(prompt + run.tokenizer.decode(new))
+    write("\n")
+    log(dec.summary())
     return texts
 
 

@@ -183,6 +183,11 @@ def sample(
                                         "on pairs); 1 = greedy"),
     length_penalty: Optional[float] = typer.Option(None, help="beam search ranks hypotheses by log-probability / "
                                                    "length^A [default: 1.0]"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="speculative decoding: a smaller run with the same "
+                                         "tokenizer proposes tokens, this run checks them (the same output "
+                                         "distribution)"),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per check "
+                                               "[default: 4]"),
 ):
     """Generate text from a trained run, streaming it to the terminal; on a run trained on pairs, the target for
     the source given as --prompt, one line per sample."""
@@ -219,6 +224,15 @@ def sample(
             raise UserError(f"--num-samples ({num_samples}) must be <= --beams ({beams}): it prints the best hypotheses")
     if compile and beams is not None:
         raise UserError("--compile applies to sampling a token stream, not to --beams; drop one of them")
+    if draft_tokens is not None and draft is None:
+        raise UserError("--draft-tokens is how many tokens a draft model proposes: add --draft DRAFT_RUN")
+    if draft is not None:
+        if draft_tokens is not None and draft_tokens < 1:
+            raise UserError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+        for given_option, name in ((beams is not None, "--beams"), (no_kv_cache, "--no-kv-cache"),
+                                   (compile, "--compile")):
+            if given_option:
+                raise UserError(f"--draft (speculative decoding) does not combine with {name}; drop one of them")
     run = sampler.load_for_inference(run_dir, checkpoint=checkpoint, device=device)
     if beams is not None and beams > run.model.config.vocab_size:
         raise UserError(f"--beams ({beams}) is larger than the vocabulary ({run.model.config.vocab_size} ids); use fewer")
@@ -230,7 +244,15 @@ def sample(
     if run.pairs and compile:
         raise UserError(f"--compile compiles a token stream's decode step; {run_dir} decodes targets for sources "
                         "(trained on pairs): drop --compile")
-    if run.pairs:
+    if draft is not None:
+        if run.pairs:
+            raise UserError(f"--draft speculates on a token stream; {run_dir} decodes targets for sources (trained "
+                            "on pairs): drop --draft")
+        draft_run = sampler.load_for_inference(draft, device=device)
+        sampler.check_draft(run, draft_run, draft)
+        sampler.sample_speculative(run, draft_run, prompt, num_samples, sc,
+                                   4 if draft_tokens is None else draft_tokens, write=write)
+    elif run.pairs:
         sampler.sample_targets(run, prompt, num_samples, sc, beams or 0,
                                1.0 if length_penalty is None else length_penalty, write=write)
     elif beams is not None:
