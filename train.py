@@ -29,7 +29,7 @@ from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_la
                         write_config, written_by)
 from encoder_decoder import model_flops_per_token
 from model import GPTConfig
-from pairs import N_SPECIAL, check_pair_ids, is_pairs, special_tokens
+from pairs import N_SPECIAL, is_pairs, special_tokens
 from prepare_data import UserError, check_token_ids, read_meta
 from memory import BuildMemoryLog, out_of_memory
 from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
@@ -472,8 +472,9 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     batches = batch_source(cfg.data.dir, meta, "train", cfg.train.batch_size, cfg.model, cfg.train.objective,
                            rt.device, seed=cfg.run.seed)
     batch_source(cfg.data.dir, meta, "val", 1, cfg.model, cfg.train.objective, rt.device, seed=0)  # val fits too
-    for split in ("train", "val"):  # a pairs file stores tokenizer ids only: a special id there would be corrupt
-        (check_pair_ids if is_pairs(meta) else check_token_ids)(cfg.data.dir, split, meta)
+    if not is_pairs(meta):  # pairs: PairBatches read each split whole and check every id as they open it (above)
+        for split in ("train", "val"):
+            check_token_ids(cfg.data.dir, split, meta)
 
     memory_log = BuildMemoryLog(rt)  # what the build and the checkpoint take: for tests, off unless asked for
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
