@@ -129,20 +129,21 @@ def run_config(run_dir: str | Path) -> dict | None:
         try:  # the config only: memory-mapped, no weight is read
             config = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
             if isinstance(config, dict):
-                return _flatten(config)
+                return flatten(config)
         except Exception:  # a damaged checkpoint: config.toml may still say
             pass
     try:
-        return _flatten(tomllib.loads((run_dir / "config.toml").read_text()))
+        return flatten(tomllib.loads((run_dir / "config.toml").read_text()))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
 
 
-def _flatten(table: dict, prefix: str = "") -> dict:
+def flatten(table: dict, prefix: str = "") -> dict:
+    """{section: {key: value}} (nested tables too) as {"section.key": value}, None values left out."""
     flat = {}
     for key, value in table.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         elif value is not None:  # config.toml leaves None out: a key missing and a None are the same setting
             flat[f"{prefix}{key}"] = value
     return flat
@@ -154,14 +155,15 @@ def run_labels(names: list[str], configs: list[dict | None]) -> list[str]:
     tell the runs apart."""
     if len(names) > 1 and all(c is not None for c in configs):
         keys = sorted({k for c in configs for k in c} - set(IGNORED_KEYS))
-        differing = [k for k in keys if len({_text(c.get(k)) for c in configs}) > 1]
-        labels = [", ".join(f"{k}={_text(c.get(k))}" for k in differing) for c in configs]
+        differing = [k for k in keys if len({value_text(c.get(k)) for c in configs}) > 1]
+        labels = [", ".join(f"{k}={value_text(c.get(k))}" for k in differing) for c in configs]
         if differing and len(set(labels)) == len(labels):
             return labels
     return names
 
 
-def _text(value) -> str:
+def value_text(value) -> str:
+    """A config value as --set writes it (the legends', and sweep's run names and tables)."""
     if value is None:
         return "none"
     if isinstance(value, bool):

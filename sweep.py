@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from plots import flatten, value_text as text
 from prepare_data import UserError, atomic_write
 
 SWEEP_KEYS = ("vary", "seeds", "lengths", "rope_scalings", "rope_factor", "max_tokens")  # a [sweep] table's keys
@@ -87,15 +88,6 @@ class Plan:
         return json.loads(json.dumps(record))
 
 
-def text(value) -> str:
-    """A config value as --set writes it."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def read_config_file(path: Path) -> tuple[dict, dict | None]:
     """The config file's tables without [sweep], and its [sweep] table (None when it has none)."""
     import train as trainer
@@ -107,16 +99,6 @@ def read_config_file(path: Path) -> tuple[dict, dict | None]:
         load_config(trainer.Config, path)  # says what is wrong with the file in the loader's words
         raise
     return data, data.pop("sweep", None)
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_sweep_table(table) -> dict:
@@ -135,7 +117,7 @@ def read_sweep_table(table) -> dict:
         if not isinstance(table["vary"], dict):
             raise ConfigError('sweep.vary must be a table of key = [values], e.g. vary = { "model.n_layer" = [2, 4] }')
         out["vary"] = {}
-        for key, values in _flatten(table["vary"]).items():
+        for key, values in flatten(table["vary"]).items():
             if not isinstance(values, list) or not values or any(isinstance(v, (list, dict)) for v in values):
                 raise ConfigError(f"sweep.vary.{key} must be a list of values, e.g. {key} = [1, 2]; got {values!r}")
             out["vary"][key] = [text(v) for v in values]
@@ -181,7 +163,7 @@ def check_out(out: Path, record: dict) -> None:
         except (OSError, ValueError) as e:
             raise UserError(f"{saved} does not read ({e}); choose another --out") from None
         if old != record:
-            was, now = _flatten(old), _flatten(record)
+            was, now = flatten(old), flatten(record)
             differ = sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
             raise UserError(f"{out} holds another sweep (it differs in {', '.join(differ)}); run the command that "
                             "started it to continue it, or choose another --out")
