@@ -39,11 +39,11 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.kv_heads, cfg.head_size
-        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_size, bias=cfg.bias)
-        self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.kv_heads * cfg.head_size, bias=cfg.bias)  # kvh heads each
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_size, bias=cfg.has_attn_bias)
+        self.c_kv = nn.Linear(cfg.n_embd, 2 * cfg.kv_heads * cfg.head_size, bias=cfg.has_attn_bias)  # kvh heads each
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.has_attn_bias)
+        self.q_norm = make_norm(cfg, cfg.head_size, "rmsnorm") if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_size, "rmsnorm") if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = Dropout(cfg.dropout)
 
@@ -62,7 +62,7 @@ class CrossAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         y, weights = attend(q, *kv, inputs, self.dropout if self.training else 0.0, self.training, reference)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
         return self.resid_dropout(self.c_proj(y)), weights
 
 
@@ -121,7 +121,8 @@ class EncoderDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one embedding for the source, the target and the output
+        if cfg.tie_embeddings:  # one embedding for the source, the target and the output
+            self.lm_head.weight = self.wte.weight
         if cfg.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.apply(GPT._init_weights)

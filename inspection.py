@@ -101,6 +101,8 @@ def component(name: str) -> str:
         return "token_embedding"
     if name.startswith("wpe."):
         return "position_embedding"
+    if name.startswith("lm_head."):  # named only where untied (model.tie_embeddings = false)
+        return "output_layer"
     if ".attn." in name:  # c_attn, c_proj and the q/k norms
         return "attention"
     if ".mlp.router." in name:
@@ -384,6 +386,7 @@ def inspect_model(cfg: GPTConfig, batch_size: int, dtype: str = "auto", notes: l
 PARAM_LABELS = {
     "token_embedding": "token embedding (LM head tied: +0)",
     "position_embedding": "position embedding (learned)",
+    "output_layer": "output layer (untied)",
     "attention": "attention (c_attn, c_proj, qk norms)",
     "encoder_attention": "encoder self-attention",
     "decoder_attention": "decoder self-attention (causal)",

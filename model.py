@@ -31,8 +31,13 @@ class GPTConfig:
     n_layer: int = 6  # nanoGPT's "baby GPT" shapes: small enough for a laptop, big enough to learn
     n_head: int = 6
     n_embd: int = 384
+    head_dim: int = 0  # each head's width; 0 = n_embd // n_head (Qwen3 sets it apart from the width)
     dropout: float = 0.0  # 0 for large data; 0.1-0.2 keeps a small corpus from being memorised
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm; False is a little faster and no worse
+    attn_bias: bool | None = None  # biases of the attention's projections; none = `bias` (Llama's attention_bias)
+    mlp_bias: bool | None = None  # biases of the MLP's matrices; none = `bias` (Llama's mlp_bias)
+    norm_eps: float = 0.0  # added to the variance in every norm; 0 = torch's (1e-5 LayerNorm, the dtype's eps RMSNorm)
+    tie_embeddings: bool = True  # the output layer reads the input embedding back (GPT-2); False: a matrix of its own
     vocab_multiple: int = 64  # embedding rows padded to a multiple of this: faster matmuls on GPU
     # positions
     pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"  # GPT-2 learns a table
@@ -46,7 +51,8 @@ class GPTConfig:
     # blocks
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # RMSNorm (Llama) skips the mean: cheaper, as good
     norm_placement: Literal["pre", "post"] = "pre"  # post = Vaswani 2017, normalising after each residual add
-    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"  # SwiGLU (Shazeer 2020, Llama) gates the hidden layer
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"  # SwiGLU (Shazeer 2020, Llama) gates the hidden layer;
+    # gelu_tanh is GELU's tanh approximation, which GPT-2 was trained with (HF's "gelu_new")
     mlp_hidden: int = 0  # 0 = 4·n_embd, or for swiglu ⅔ of that rounded up to a multiple of 64 (same parameters)
     n_experts: int = 0  # mixture of experts: 0 = one dense MLP per block, else this many expert MLPs
     experts_per_token: int = 2  # top-k routing: each token is processed by its k best-scoring experts
@@ -63,13 +69,15 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vocab_size", "n_kv_head", "attn_window", "mlp_hidden", "n_experts", "prefix_len",
-                     "n_encoder_layer", "source_block_size"):
+                     "n_encoder_layer", "source_block_size", "head_dim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ValueError(f"norm_eps must be >= 0 (0 = torch's default), got {self.norm_eps}")
+        if self.n_embd % self.n_head and not self.head_dim:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"try n_embd = {self.n_head * max(1, round(self.n_embd / self.n_head))}"
+                f"try n_embd = {self.n_head * max(1, round(self.n_embd / self.n_head))}, or set head_dim"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -103,7 +111,15 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def has_attn_bias(self) -> bool:
+        return self.bias if self.attn_bias is None else self.attn_bias
+
+    @property
+    def has_mlp_bias(self) -> bool:
+        return self.bias if self.mlp_bias is None else self.mlp_bias
 
     @property
     def kv_heads(self) -> int:
@@ -461,16 +477,16 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_size = cfg.n_head, cfg.kv_heads, cfg.head_size
         # q, k, v in one matmul; k and v have only kvh heads, each shared by nh / kvh query heads
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_size) if cfg.qk_norm else None
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size, bias=cfg.has_attn_bias)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=cfg.has_attn_bias)
+        self.q_norm = make_norm(cfg, cfg.head_size, "rmsnorm") if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_size, "rmsnorm") if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, kv_cache: KVCache | None = None, layer: int = 0,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         nh, kvh, hs = self.n_head, self.n_kv_head, self.head_size
         q, k, v = self.c_attn(x).split([nh * hs, kvh * hs, kvh * hs], dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -483,7 +499,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.write(layer, k, v, inputs.slots)  # (B, kvh, S, hs): S = every cache slot
         y, weights = attend(q, k, v, inputs, self.dropout if self.training else 0.0, self.training, reference)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh·hs): heads side by side again (C, but
+        # for a head_dim set apart from the width)
         return self.resid_dropout(self.c_proj(y)), weights
 
 
@@ -495,11 +512,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = cfg.hidden_size
-        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.has_mlp_bias)
         # SwiGLU: silu(x W) ⊙ (x V); the gate V is the only extra matrix
-        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
-        self.act = {"gelu": nn.GELU(), "relu": nn.ReLU(), "swiglu": nn.SiLU()}[cfg.mlp]
-        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.has_mlp_bias) if cfg.mlp == "swiglu" else None
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
+                    "swiglu": nn.SiLU()}[cfg.mlp]
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.has_mlp_bias)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -539,8 +557,11 @@ class MoE(nn.Module):
         return out.view(B, T, C)
 
 
-def make_norm(cfg: GPTConfig, dim: int) -> nn.Module:
-    return nn.LayerNorm(dim, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(dim)
+def make_norm(cfg: GPTConfig, dim: int, kind: str | None = None) -> nn.Module:
+    """The config's norm (or `kind`: qk-norm is always RMSNorm) over the last `dim` features."""
+    if (kind or cfg.norm) == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps or 1e-5, bias=cfg.bias)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps or None)
 
 
 def residual(x: torch.Tensor, norm: nn.Module, f, post: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -633,7 +654,8 @@ class GPT(nn.Module):
         # post-norm blocks already end in a norm
         self.ln_f = make_norm(cfg, cfg.n_embd) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: the output layer reads the input embedding back
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: the output layer reads the input embedding back
         self.rope_scaling: RopeScaling | None = None  # evaluation's stretched RoPE (minigpt eval --rope-scaling)
         if cfg.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
