@@ -339,7 +339,7 @@ def sequence_for(run, prompt: str | None, target: str | None) -> Sequence:
         # sized to the context; under a sliding window, so that the repeat still sees the first occurrence
         ids = induction_probe(tok.vocab_size, min(room, 2 * cfg.window))
         return Sequence(ids + ([mask] if mask is not None else []), period=len(ids) // 2)
-    ids = tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)  # as sampling encodes it: a BOS where the tokenizer adds one
     if special is None:
         if len(ids) > room:
             raise too_long("the prompt", len(ids), room, "block_size" + (", less the [MASK] read after it"

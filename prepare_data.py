@@ -10,7 +10,7 @@ class UserError(Exception):
 
 
 # Read top to bottom:
-#   1. tokenizers (char, gpt2, bpe) and load_tokenizer(spec)
+#   1. tokenizers (char, gpt2, bpe; hf in interop/hf_tokenizer.py), load_tokenizer(spec), TextStream
 #   2. the on-disk format: write_dataset, read_meta, open_split
 #   3. sources: the tiny-Shakespeare download, or local .txt files
 #   4. prepare(...): source -> split -> tokenize -> write, the one entry point the CLI calls
@@ -21,6 +21,7 @@ class UserError(Exception):
 # so that `import prepare_data` (done by every other module for UserError) stays cheap.
 
 import base64
+import codecs
 import hashlib
 import http.client
 import json
@@ -64,6 +65,9 @@ class Tokenizer(Protocol):
 
     `spec` is a JSON-able dict holding everything needed to rebuild the tokenizer with
     `load_tokenizer(spec)`; it is stored in meta.json and in checkpoints (never pickle).
+    `encode` is for training text: ordinary text, no special tokens. `encode_prompt` is for a prompt to sample
+    from: the ids Hugging Face's tokenizer gives with its defaults (special-token text such as "<|endoftext|>"
+    matched, a BOS added where it adds one).
     `decode_bytes` returns the raw bytes of the tokens, so a sampler can stream text byte-exact
     through an incremental UTF-8 decoder (a BPE token may end in the middle of a character).
     """
@@ -73,6 +77,8 @@ class Tokenizer(Protocol):
     eot_token: int | None
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -116,6 +122,9 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)  # no special tokens to match
+
     def decode(self, ids: Sequence[int]) -> str:
         out = []
         for i in _int_list(ids):
@@ -140,6 +149,11 @@ class TiktokenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)  # special-token text like "<|endoftext|>" is plain text
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """As Hugging Face's GPT-2 tokenizer: "<|endoftext|>" in a prompt is the token 50256 (a trained bpe has no
+        special tokens, so this is `encode`)."""
+        return self.encoding.encode(text, allowed_special="all")
+
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         ids = _int_list(ids)
         try:
@@ -149,6 +163,11 @@ class TiktokenTokenizer:
             raise UserError(f"token id {bad} is out of range for this tokenizer's vocabulary of {self.vocab_size}") from None
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text, special tokens left out ("<|endoftext|>" is not printed), as Hugging Face's
+        decode(ids, skip_special_tokens=True); decode_bytes keeps every token's bytes."""
+        ids = _int_list(ids)
+        if self.eot_token is not None:
+            ids = [i for i in ids if i != self.eot_token]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
@@ -219,7 +238,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, log: Log = _stderr) -> Tikt
 
 
 def load_tokenizer(spec: dict) -> Tokenizer:
-    """Rebuild a tokenizer from its spec (from meta.json or a checkpoint)."""
+    """Rebuild a tokenizer from its spec (from meta.json or a checkpoint). The hf kind (a Hugging Face tokenizer.json)
+    lives in interop/hf_tokenizer.py and needs the `tokenizers` library, imported only here."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "char":
         chars = spec.get("chars")
@@ -230,7 +250,64 @@ def load_tokenizer(spec: dict) -> Tokenizer:
         return gpt2_tokenizer()
     if kind == "bpe":
         return _bpe_from_spec(spec)
-    raise UserError(f"unknown tokenizer spec (kind {kind!r}); expected one of {', '.join(TOKENIZER_KINDS)}; re-run `minigpt prepare`")
+    if kind == "hf":
+        from interop.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(spec)
+    raise UserError(f"unknown tokenizer spec (kind {kind!r}); expected one of {', '.join(TOKENIZER_KINDS)}, hf; re-run `minigpt prepare`")
+
+
+class TextStream:
+    """The text of generated tokens, one piece per token as they come, for a sampler to print.
+
+    Byte-level tokenizers (char, gpt2, bpe) stream their tokens' bytes through an incremental UTF-8 decoder: a
+    token may end inside a character. A Hugging Face tokenizer (`stream_by_text`) decodes the whole sequence,
+    prompt included, and prints what its text gained past the prompt's, as HF's TextStreamer does: a metaspace
+    token's leading space ("▁the") exists only after the text before it. What later tokens may still change
+    waits: a trailing run of the tokenizer's `stream_open_ids` (byte-fallback tokens <0xE6><0x97>..., valid
+    UTF-8 only as a whole, each byte a U+FFFD if not) and a trailing U+FFFD. `text` is the text of the new
+    tokens: decode(new) for the byte-level kinds, decode(prompt + new) past decode(prompt) for hf, so it is
+    exactly what was printed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]):
+        self.tokenizer, self.prompt, self.new = tokenizer, _int_list(prompt_ids), []
+        self.by_text = getattr(tokenizer, "stream_by_text", False)
+        self._open_ids = getattr(tokenizer, "stream_open_ids", frozenset())
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._base = tokenizer.decode(self.prompt) if self.by_text else ""
+        self._printed = 0  # characters of `text` written so far (by_text only)
+
+    def _gained(self, new: list[int]) -> str:
+        full = self.tokenizer.decode(self.prompt + new)
+        if full.startswith(self._base):
+            return full[len(self._base):]
+        return full[len(os.path.commonprefix([full, self._base])):]  # a decoder that rewrote the prompt's end
+
+    def push(self, token: int) -> str:
+        """The text to print for one more token (maybe "", while a character is unfinished)."""
+        self.new.append(int(token))
+        if not self.by_text:
+            return self._utf8.decode(self.tokenizer.decode_bytes([token]))
+        settled = len(self.new)
+        while settled and self.new[settled - 1] in self._open_ids:
+            settled -= 1
+        ready = self._gained(self.new[:settled]).rstrip("\ufffd")
+        piece = ready[self._printed:]
+        self._printed = max(self._printed, len(ready))
+        return piece
+
+    def flush(self) -> str:
+        """What is left to print once generation ends."""
+        if not self.by_text:
+            return self._utf8.decode(b"", final=True)
+        piece = self._gained(self.new)[self._printed:]
+        self._printed += len(piece)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self._gained(self.new) if self.by_text else self.tokenizer.decode(self.new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,11 +801,18 @@ def _check_bpe_vocab_size(vocab_size) -> None:
         )
 
 
-def _check_request(tokenizer: str, vocab_size, val_fraction) -> tuple[str, int | None]:
+def _check_request(tokenizer: str, vocab_size, val_fraction, given: Tokenizer | None = None) -> tuple[str, int | None]:
+    """The tokenizer kind and the bpe vocabulary size asked for. `given`: the tokenizer --tokenizer PATH named."""
     kind = tokenizer.lower() if isinstance(tokenizer, str) else tokenizer
-    if kind not in TOKENIZER_KINDS:
-        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(TOKENIZER_KINDS)}")
-    if kind == "bpe":
+    if given is not None:
+        kind = given.spec["kind"]
+        if vocab_size is not None:
+            raise UserError(f"--vocab-size applies only to --tokenizer bpe (the tokenizer from {tokenizer} has its own "
+                            "vocabulary); drop it")
+    elif kind not in TOKENIZER_KINDS:
+        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(TOKENIZER_KINDS)}, "
+                        "or (for a text corpus) a minigpt run folder, a checkpoint .pt file or a Hugging Face model folder")
+    elif kind == "bpe":
         vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
         _check_bpe_vocab_size(vocab_size)
     elif vocab_size is not None:
@@ -736,6 +820,49 @@ def _check_request(tokenizer: str, vocab_size, val_fraction) -> tuple[str, int |
     if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}; e.g. 0.1")
     return kind, vocab_size
+
+
+def is_tokenizer_path(tokenizer) -> bool:
+    """Whether --tokenizer names a path (a run, a checkpoint, a HF folder) rather than a kind (char, gpt2, bpe)."""
+    if isinstance(tokenizer, os.PathLike):
+        return True
+    return (isinstance(tokenizer, str) and tokenizer.lower() not in TOKENIZER_KINDS
+            and (os.sep in tokenizer or "/" in tokenizer or tokenizer.endswith(".pt") or Path(tokenizer).expanduser().exists()))
+
+
+def tokenizer_from_path(path: str | Path) -> Tokenizer:
+    """--tokenizer PATH: the tokenizer a minigpt run was trained with (its folder, or one of its .pt checkpoints:
+    the spec stored in the checkpoint), or a Hugging Face model or tokenizer folder's (config.json, tokenizer.json
+    or tokenizer_config.json, and no ckpt.pt), so that a corpus can be prepared for fine-tuning a run or an
+    imported model with the very same ids."""
+    p = Path(path).expanduser()
+    hf_files = ("config.json", "tokenizer.json", "tokenizer_config.json")
+    if p.is_dir() and any((p / name).is_file() for name in hf_files) and not (p / "ckpt.pt").exists():
+        try:
+            config = json.loads((p / "config.json").read_text(encoding="utf-8")) if (p / "config.json").is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{p / 'config.json'} is unreadable ({e}); copy it again from the model's repository") from None
+        from interop.hf_tokenizer import tokenizer_from_hf_folder  # the `tokenizers` library, only for this
+
+        return tokenizer_from_hf_folder(p, config if isinstance(config, dict) else {})
+    if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / "ckpt.pt").is_file()):
+        from checkpoint import load_checkpoint  # torch, only for this
+
+        state = load_checkpoint(p)
+        spec = state.get("tokenizer") if isinstance(state, dict) else None
+        if not isinstance(spec, dict):
+            raise UserError(f"checkpoint {p} holds no tokenizer spec; pass the run's dataset tokenizer (char, gpt2, bpe) instead")
+        return load_tokenizer(spec)
+    if not p.exists():
+        raise UserError(f"--tokenizer {path}: no such file or folder; pass char, gpt2, bpe, a minigpt run folder, "
+                        "a checkpoint .pt file or a Hugging Face model folder")
+    raise UserError(f"--tokenizer {path} is neither a minigpt run (no ckpt.pt), a checkpoint .pt file, nor a "
+                    "Hugging Face model folder (no config.json or tokenizer.json)")
+
+
+def tokenizer_sha256(spec: dict) -> str:
+    """A tokenizer's identity, for meta.json and the reuse check: the sha256 of its spec as canonical JSON."""
+    return _sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
 def _open_token_splits(out_dir: Path, meta: dict) -> None:
@@ -797,7 +924,9 @@ def prepare(
 
     source: 'shakespeare' (downloaded once to data/shakespeare/input.txt, or --input PATH), or a path to a
     .txt file, a folder of .txt files, or a .jsonl file of {"text": ...} documents. tokenizer: 'char', 'gpt2' or 'bpe' (vocab_size, default 1024, is
-    only for bpe; the bpe is trained on the train split only). out defaults to data/<source>_<tokenizer>.
+    only for bpe; the bpe is trained on the train split only), or a path (tokenizer_from_path): a minigpt run or
+    checkpoint, or a Hugging Face model folder, whose tokenizer is used as it is. out defaults to
+    data/<source>_<tokenizer kind>.
     An existing output from the same corpus bytes and the same request is reused; a different one is refused
     unless force. log: where messages go (default: stderr); pass `lambda s: None` for silence.
     """
@@ -812,19 +941,24 @@ def prepare(
     if examples is not None:
         raise UserError(EXAMPLES_ONLY_FOR_TASKS)
     t0 = time.perf_counter()
-    kind, bpe_vocab_size = _check_request(tokenizer, vocab_size, val_fraction)
+    given = tokenizer_from_path(tokenizer) if is_tokenizer_path(tokenizer) else None
+    kind, bpe_vocab_size = _check_request(tokenizer, vocab_size, val_fraction, given)
     src = read_source(source, input_path, data_root, log)
     out_dir = Path(out).expanduser() if out is not None else Path(data_root) / f"{src.name}_{kind}"
 
     request = {"format_version": FORMAT_VERSION, "source_sha256": src.sha256, "tokenizer_kind": kind,
                "val_fraction": float(val_fraction), "bpe_vocab_size": bpe_vocab_size}
+    if given is not None:  # a tokenizer from a path is only the same one if its spec is
+        request["tokenizer_sha256"] = tokenizer_sha256(given.spec)
     if _reusable(out_dir, request, force, log):
         log(f"reusing {out_dir} (already prepared from the same source and tokenizer)")
         return out_dir
 
     train_text, val_text = split_train_val(src.text, val_fraction)
-    if kind == "char":
-        tok: Tokenizer = CharTokenizer.from_text(src.text)  # the whole corpus, so val has no unknown characters
+    if given is not None:
+        tok: Tokenizer = given
+    elif kind == "char":
+        tok = CharTokenizer.from_text(src.text)  # the whole corpus, so val has no unknown characters
     elif kind == "gpt2":
         tok = gpt2_tokenizer()
     else:
@@ -842,7 +976,9 @@ def prepare(
         "source_bytes": src.nbytes,
         "val_fraction": float(val_fraction),
         "tokenizer_kind": kind,
-        **({"bpe_vocab_size": bpe_vocab_size} if kind == "bpe" else {}),
+        **({"bpe_vocab_size": bpe_vocab_size} if bpe_vocab_size is not None else {}),
+        **({"tokenizer_from": str(Path(tokenizer).expanduser().resolve())} if given is not None else {}),
+        "tokenizer_sha256": tokenizer_sha256(tok.spec),
         "vocab_size": tok.vocab_size,
         "eot_token": tok.eot_token,
         "tokenizer": tok.spec,

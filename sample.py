@@ -4,7 +4,6 @@ decode loop (prefill the prompt into the KV cache, then one token per step).
 
 from __future__ import annotations
 
-import codecs
 import functools
 import math
 import sys
@@ -22,7 +21,7 @@ from cli.config_loader import ConfigError, build_config
 from encoder_decoder import EncoderDecoder, build_model
 from model import GPT, GPTConfig, KVCache
 from pairs import SpecialTokens
-from prepare_data import Tokenizer, UserError, load_tokenizer
+from prepare_data import TextStream, Tokenizer, UserError, load_tokenizer
 from runtime import Runtime, cpu_has_bf16, resolve_device, setup_runtime
 from train import RunConfig
 
@@ -71,12 +70,18 @@ class LoadedRun:
 CPU_BF16_MIN_PARAMS = 4_000_000
 
 
-def inference_runtime(model: GPT, device: str = "auto") -> Runtime:
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def inference_runtime(model: GPT, device: str = "auto", dtype: str = "auto") -> Runtime:
     """Move the model to the device, with its weights in the dtype it decodes fastest in: the GPU's autocast dtype;
     on a CPU, bfloat16 for a model too big for its caches where the CPU has native bf16, else float32. The weights
-    themselves are cast (not autocast at every call), so each token reads half the bytes."""
-    rt = setup_runtime(RunConfig(device=device))
-    if rt.device.type == "cpu":
+    themselves are cast (not autocast at every call), so each token reads half the bytes. `dtype` other than auto
+    overrides the choice (float32 reproduces a float32 reference, e.g. Hugging Face's output, exactly)."""
+    if dtype not in INFERENCE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    rt = setup_runtime(RunConfig(device=device, dtype=dtype))
+    if rt.device.type == "cpu" and dtype == "auto":
         bf16 = cpu_has_bf16() and model.num_params() >= CPU_BF16_MIN_PARAMS
         rt = replace(rt, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.to(rt.device, rt.dtype)
@@ -103,23 +108,30 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
     raise weights_do_not_fit(path, state, mismatch)
 
 
-def load_for_inference(run: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
-    """The model (eval mode, on the device) and tokenizer of a run: a run folder's ckpt.pt ('latest', the default)
-    or best.pt ('best'), or a checkpoint file given itself (e.g. a step-NNNNNNN.pt)."""
-    resolve_device(device)  # a bad --device is a one-line error before anything is read
-    path = find_checkpoint(run, checkpoint)
-    state = load_checkpoint(path)
+def model_config(path: Path, state: dict) -> GPTConfig:
+    """The model config a checkpoint holds, checked as a config file's [model] is: a setting or value this release
+    does not take is named, with the release that wrote it, not built."""
     saved = state["config"].get("model", {})
     unknown = sorted(set(saved) - {f.name for f in fields(GPTConfig)})
     if unknown:  # written by another minigpt, with model settings this one cannot build
         raise unknown_settings(path, state, "model settings", unknown, "use")
-    try:  # checked as a config file's [model] is: a value this release does not take is named, not built
-        model = build_model(build_config(ModelSection, {"model": saved}).model)
+    try:
+        return build_config(ModelSection, {"model": saved}).model
     except (ConfigError, TypeError, ValueError) as e:
         raise UserError(f"{path} holds a model config this minigpt ({minigpt_version()}) cannot build ({e}); it was "
                         f"written by {written_by(state)}: {use_writer(state, 'use')}") from None
+
+
+def load_for_inference(run: str | Path, checkpoint: str | None = None, device: str = "auto",
+                       dtype: str = "auto") -> LoadedRun:
+    """The model (eval mode, on the device, in `dtype`: see inference_runtime) and tokenizer of a run: a run folder's
+    ckpt.pt ('latest', the default) or best.pt ('best'), or a checkpoint file given itself (e.g. a step-NNNNNNN.pt)."""
+    resolve_device(device)  # a bad --device is a one-line error before anything is read
+    path = find_checkpoint(run, checkpoint)
+    state = load_checkpoint(path)
+    model = build_model(model_config(path, state))
     load_weights(model, state, path)
-    rt = inference_runtime(model.eval(), device)
+    rt = inference_runtime(model.eval(), device, dtype)
     tokenizer = load_tokenizer(state["tokenizer"])
     data = state.get("data") or {}
     special = SpecialTokens.from_dict(data["special_tokens"]) if data.get("special_tokens") else None
@@ -280,9 +292,11 @@ def generate(model: GPT, prompt: torch.Tensor, vocab_size: int, sc: SampleConfig
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The prompt's ids; an empty prompt starts from end-of-text, or a newline where there is none."""
-    if text:
-        return tokenizer.encode(text)
+    """The prompt's ids, as Hugging Face's tokenizer gives them (`Tokenizer.encode_prompt`). An empty prompt starts
+    from what that gives for "" (a BOS, where the tokenizer adds one), else end-of-text, else a newline."""
+    ids = tokenizer.encode_prompt(text)
+    if ids:
+        return ids
     if tokenizer.eot_token is not None:
         return [tokenizer.eot_token]
     try:
@@ -307,12 +321,11 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
         if i:
             write("\n" + "-" * 40 + "\n")
         write(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a UTF-8 character
-        new = generate(run.model, x, run.tokenizer.vocab_size, sc, generator=generator, rt=run.rt,
-                       stop_token=run.tokenizer.eot_token, cache=cache,
-                       on_token=lambda t: write(decoder.decode(run.tokenizer.decode_bytes([t]))))
-        write(decoder.decode(b"", final=True))
-        texts.append(prompt + run.tokenizer.decode(new))
+        stream = TextStream(run.tokenizer, ids)  # tokens may split a character, or need the text before them
+        generate(run.model, x, run.tokenizer.vocab_size, sc, generator=generator, rt=run.rt,
+                 stop_token=run.tokenizer.eot_token, cache=cache, on_token=lambda t: write(stream.push(t)))
+        write(stream.flush())
+        texts.append(prompt + stream.text)
     write("\n")
     return texts
 
@@ -525,11 +538,11 @@ def sample_speculative(run: LoadedRun, draft: LoadedRun, prompt: str, num_sample
         if i:
             write("\n" + "-" * 40 + "\n")
         write(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        new = generate_speculative(dec, ids, sc.max_new_tokens, stop_token=run.tokenizer.eot_token,
-                                   on_token=lambda t: write(decoder.decode(run.tokenizer.decode_bytes([t]))))
-        write(decoder.decode(b"", final=True))
-        texts.append(prompt + run.tokenizer.decode(new))
+        stream = TextStream(run.tokenizer, ids)
+        generate_speculative(dec, ids, sc.max_new_tokens, stop_token=run.tokenizer.eot_token,
+                             on_token=lambda t: write(stream.push(t)))
+        write(stream.flush())
+        texts.append(prompt + stream.text)
     write("\n")
     log(dec.summary())
     return texts
