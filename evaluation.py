@@ -156,7 +156,11 @@ def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out:
     model = config.get("model", {})
 
     if data is None:
-        data = Path(str((config.get("data") or {}).get("dir", "")))
+        trained_on = str((config.get("data") or {}).get("dir", ""))
+        if not trained_on:  # an imported model: no data of its own
+            raise UserError(f"{run} was imported and has no dataset of its own; pass the data to evaluate on with "
+                            f"--data DIR (prepared with `minigpt prepare SOURCE --tokenizer {run}`)")
+        data = Path(trained_on)
         if not (data / "meta.json").is_file():
             raise UserError(f"{run} trained on {data}, which is not a prepared dataset here; pass the data to "
                             "evaluate on with --data DIR")

@@ -211,22 +211,28 @@ def materialize(model: torch.nn.Module, cfg: Config, rt: Runtime, init: SeededIn
     torch.set_rng_state(init.end_state)
 
 
+def load_weights(model: torch.nn.Module, weights: dict | None, rt: Runtime, sharded: bool) -> None:
+    """Fill a model from whole weights (a checkpoint's, or init.from's). Weights that do not fit raise ValueError
+    naming the first differences, in every process alike and before anything is loaded. Sharded (FSDP), only rank
+    0's `weights` are read (the others may pass None): it sends each tensor in turn, every process keeping its shard."""
+    problem = [weights_mismatch(model.state_dict(), weights) if rt.is_main or not sharded else None]
+    if sharded:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ValueError(problem[0])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not sharded, broadcast_from_rank0=sharded)
+    set_model_state_dict(model, dict(weights) if rt.is_main or not sharded else {}, options=options)
+
+
 def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: dict, rt: Runtime,
                sharded: bool) -> None:
     """Fill a model and its optimizer from a whole checkpoint. Weights that do not fit the model raise ValueError
     naming the first differences, in every process alike and before anything is loaded. Sharded (FSDP), rank 0
     alone reads the checkpoint and sends each tensor in turn, every process keeping its shard (broadcast_from_rank0);
     the checkpoint is memory-mapped (load_checkpoint), so the other processes never touch its tensors."""
-    problem = [weights_mismatch(model.state_dict(), checkpoint["model"]) if rt.is_main or not sharded else None]
-    if sharded:
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise ValueError(problem[0])
-    weights, moments = checkpoint["model"], checkpoint["optimizer"]
-    if sharded and not rt.is_main:
-        weights, moments = {}, {}
+    load_weights(model, checkpoint["model"], rt, sharded)
+    moments = checkpoint["optimizer"] if rt.is_main or not sharded else {}
     options = StateDictOptions(full_state_dict=True, cpu_offload=not sharded, broadcast_from_rank0=sharded)
-    set_model_state_dict(model, dict(weights), options=options)
     set_optimizer_state_dict(model, optimizer, moments, options=options)
     if not sharded:  # the optimizer keeps the checkpoint's own tensors, memory-mapped from its file: copies of its
         for state in optimizer.state.values():  # own let the file go (and its disk space, once a save replaces

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,13 +28,14 @@ from batches import BatchSource, batch_source, derived_seed, positions_per_examp
 from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_last_checkpoints, minigpt_version,
                         new_run_files, remove_run_files, run_lock, save_checkpoint, tidy_run_dir, use_writer,
                         write_config, written_by)
+from cli.config_loader import config_to_dict
 from encoder_decoder import model_flops_per_token
 from model import GPTConfig
 from pairs import N_SPECIAL, is_pairs, special_tokens
 from prepare_data import UserError, check_token_ids, read_meta
 from memory import BuildMemoryLog, out_of_memory
 from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
-from sharding import build_for_training, load_state, shards_model
+from sharding import build_for_training, load_state, load_weights, shards_model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,7 +44,8 @@ from sharding import build_for_training, load_state, shards_model
 
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = "data/shakespeare_char"  # a folder written by `minigpt prepare` (train.bin, val.bin, meta.json)
+    dir: str = "data/shakespeare_char"  # a folder written by `minigpt prepare` (train.bin, val.bin, meta.json); "" in
+    # an imported model's run (`minigpt import`), which has none
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    # "" = the model's own random initialisation; a minigpt run (folder or .pt) or a Hugging Face model folder or hub
+    # id = fine-tuning: that model's weights and [model] config (dropout, grad_checkpointing and a smaller block_size
+    # stay the config's), with a fresh optimizer and schedule. In TOML `from` (a Python keyword: see toml_key)
+    from_: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,7 +230,7 @@ class Logger:
             import wandb  # imported only when used: nothing touches wandb otherwise
 
             self.wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.log.wandb_run_name or out_dir.name,
-                                    config=asdict(cfg), dir=str(out_dir), id=wandb_run_id,
+                                    config=config_to_dict(cfg), dir=str(out_dir), id=wandb_run_id,
                                     resume="allow" if wandb_run_id else None)
 
     @property
@@ -384,7 +396,8 @@ def resolve_vocab(cfg: Config, meta: dict, data_dir: str) -> Config:
     vocab = meta["vocab_size"] + (N_SPECIAL if cfg.train.objective == "span_corruption" and not is_pairs(meta) else 0)
     if cfg.model.vocab_size == 0:
         return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
-    if cfg.model.vocab_size != vocab:
+    # a pretrained model's vocabulary may have rows its tokenizer never produces (init.from: its tokenizer is checked)
+    if cfg.model.vocab_size != vocab and not (cfg.init.from_ and cfg.model.vocab_size > vocab):
         raise UserError(
             f"model.vocab_size ({cfg.model.vocab_size}) disagrees with {data_dir}/meta.json "
             f"({vocab}); the data was prepared with another tokenizer: point data.dir at the right "
@@ -406,9 +419,10 @@ def data_info(cfg: Config, meta: dict) -> dict:
 def with_vocab(cfg: Config) -> tuple[Config, str | None]:
     """For looking at a config before (or without) training it: model.vocab_size from the prepared data when
     there is some, else GPT-2's padded 50,304. Returns the config and a note when the data was not there."""
-    if (Path(cfg.data.dir) / "meta.json").exists():
+    if cfg.data.dir and (Path(cfg.data.dir) / "meta.json").exists():
         return resolve_vocab(cfg, read_meta(cfg.data.dir), cfg.data.dir), None
-    note = f"{cfg.data.dir}/meta.json does not exist (yet): no data to read"
+    note = (f"{cfg.data.dir}/meta.json does not exist (yet): no data to read" if cfg.data.dir else
+            "data.dir is empty (an imported model): no data to read")
     if cfg.model.vocab_size:
         return cfg, note
     return replace(cfg, model=replace(cfg.model, vocab_size=50304)), note + "; assuming GPT-2's vocabulary (50,304 padded)"
@@ -437,9 +451,12 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
     `config_text`, when given, is written to out_dir/config.toml (the resolved config, for people and scripts).
     Under torchrun every process runs this; only the first logs and writes files.
     """
+    notes = []
+    if checkpoint is None:
+        cfg, notes = finetune_config(cfg)  # init.from's model: the runtime's dtype depends on it
     rt = setup_runtime(cfg.run, cfg.model)
     try:
-        result = _train(cfg, rt, checkpoint, config_text)
+        result = _train(cfg, rt, checkpoint, config_text, notes)
         if rt.world_size > 1:  # rank 0 writes the last checkpoint alone: a peer tearing the group down meanwhile
             dist.barrier()  # made gloo abort the process now and then
         return result
@@ -456,8 +473,27 @@ def train(cfg: Config, checkpoint: dict | None = None, config_text: str | None =
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None) -> TrainResult:
+def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
+    """With init.from, the config of the model it names and notes on the [model] keys that do not apply (see
+    interop.convert.finetune_model_config); else cfg as it is."""
+    if not cfg.init.from_:
+        return cfg, []
+    from interop.convert import finetune_model_config
+
+    model, notes = finetune_model_config(cfg.init.from_, cfg.model)
+    return replace(cfg, model=model), notes
+
+
+def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str | None,
+           notes: list[str] = ()) -> TrainResult:
     meta = read_meta(cfg.data.dir)
+    if checkpoint is None and cfg.init.from_:
+        from interop.convert import check_finetune_data
+
+        check_finetune_data(cfg.init.from_, meta["tokenizer"], cfg.data.dir)
+    if rt.is_main:  # once the data is known to fit: a refused run says one line
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     cfg = resolve_vocab(cfg, meta, cfg.data.dir)
     if checkpoint is None:
         cfg = fix_schedule(cfg)
@@ -480,6 +516,16 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     torch.manual_seed(cfg.run.seed)  # the same initial weights in every process
     # the raw module: the one we save, whatever wraps it below (under FSDP, sharded: no process holds it whole)
     model = build_for_training(cfg, rt, new_run=checkpoint is None)
+    if checkpoint is None and cfg.init.from_:  # fine-tuning: the pretrained weights, a fresh optimizer
+        from interop.convert import pretrained_weights
+
+        sharded = shards_model(cfg, rt)
+        weights = pretrained_weights(cfg.init.from_, cfg.model) if rt.is_main or not sharded else None
+        try:
+            load_weights(model, weights, rt, sharded)
+        except ValueError as e:
+            raise UserError(f"init.from {cfg.init.from_}'s weights do not fit its own config ({e})") from None
+        del weights
     optimizer = configure_optimizer(model, cfg.optim, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     step, best_val_loss, tokens_seen = 0, float("inf"), 0
@@ -504,7 +550,8 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     if rt.is_main:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters | {rt.world_size} x {rt.device} "
               f"{str(rt.dtype).removeprefix('torch.')} | {tokens_per_step:,} tokens/step | "
-              + (f"resuming at step {step}" if step else "from scratch"), flush=True)
+              + (f"resuming at step {step}" if step else f"fine-tuning {cfg.init.from_}" if cfg.init.from_ else
+                 "from scratch"), flush=True)
         if step >= cfg.train.max_iters:
             print(f"the run has already trained its train.max_iters = {cfg.train.max_iters} steps: nothing to do; to "
                   f"train it longer, --set train.max_iters={2 * cfg.train.max_iters} (for example)", flush=True)
@@ -523,7 +570,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
         return {
             "version": CHECKPOINT_VERSION, "model": weights, "optimizer": moments,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
-            "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": asdict(cfg),
+            "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": config_to_dict(cfg),
             "tokenizer": meta["tokenizer"], "data": data_info(cfg, meta),
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
             "wandb_run_id": wandb_run_id, "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
@@ -653,8 +700,6 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
 
 
 if __name__ == "__main__":
-    import sys
-
     from cli.main import app
 
     app(["train", *sys.argv[1:]], prog_name="train.py")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import re
@@ -91,8 +92,15 @@ def _check_dataclass(cls: Any, what: str) -> None:
         raise TypeError(f"{what} must be a dataclass type, got {cls!r}")
 
 
+def toml_key(name: str) -> str:
+    """A field's key in TOML and --set: its name, but for a Python keyword, which a field spells with a trailing
+    underscore (`InitConfig.from_` is `init.from`)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+    """``{TOML key: field}`` of a dataclass's fields."""
+    return {toml_key(f.name): f for f in dataclasses.fields(cls) if f.init}
 
 
 def _sections(cls: type) -> dict[str, type]:
@@ -310,9 +318,9 @@ def build_config(cls: type, data: Mapping[str, Any], overrides: Iterable[str] = 
     top_fields = _fields(cls)
     built = {}
     for name, section_cls in sections.items():
-        hints = typing.get_type_hints(section_cls)
+        hints, fields = typing.get_type_hints(section_cls), _fields(section_cls)
         values = {
-            key: coerce(value, hints[key], f"{name}.{key}", from_string=from_string)
+            fields[key].name: coerce(value, hints[fields[key].name], f"{name}.{key}", from_string=from_string)
             for key, (value, from_string) in given.get(name, {}).items()
         }
         top = top_fields[name]
@@ -322,7 +330,7 @@ def build_config(cls: type, data: Mapping[str, Any], overrides: Iterable[str] = 
             elif top.default_factory is not dataclasses.MISSING:
                 built[name] = dataclasses.replace(top.default_factory(), **values)
             elif name in given or all(_has_default(f) for f in _fields(section_cls).values()):
-                missing = [k for k, f in _fields(section_cls).items() if not _has_default(f) and k not in values]
+                missing = [k for k, f in _fields(section_cls).items() if not _has_default(f) and f.name not in values]
                 if missing:
                     raise ConfigError(f"missing key '{name}.{missing[0]}' (it has no default); set it in [{name}]")
                 built[name] = section_cls(**values)
@@ -413,7 +421,7 @@ def config_to_dict(cfg: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for name in _sections(type(cfg)):
         section = getattr(cfg, name)
-        out[name] = {key: getattr(section, key) for key in _fields(type(section))}
+        out[name] = {key: getattr(section, f.name) for key, f in _fields(type(section)).items()}
     return out
 
 

@@ -100,7 +100,9 @@ def prepare(
                                  "{\"text\": ...} lines; source/target pairs: 'task:NAME' (copy, reverse, sort, add, "
                                  "speaker, modernize), a .tsv of source<TAB>target lines, or a .jsonl of "
                                  "{\"source\": ..., \"target\": ...} lines"),
-    tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus)"),
+    tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus) | a path: "
+                                  "a minigpt run folder or .pt checkpoint, or a Hugging Face model folder, whose "
+                                  "tokenizer is used as it is"),
     vocab_size: Optional[int] = typer.Option(None, help="vocabulary size for --tokenizer bpe"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: data/<source>_<tokenizer>, "
                                        "data/task_<name>_<tokenizer> for task:NAME)"),
@@ -150,14 +152,20 @@ def train(
         raise UserError(f"a resumed run continues in its own folder ({resume}): drop --set run.out_dir, or copy the "
                         "folder and resume the copy")
     cfg, checkpoint = config_from(config or resume, set_)
+    if checkpoint is not None and checkpoint.get("imported_from"):  # weights without an optimizer or a schedule
+        raise UserError(f"{resume} was imported, not trained, so there is nothing to resume: fine-tune it with a "
+                        f"config that sets init.from = \"{resume}\" (e.g. config/finetune_shakespeare.toml "
+                        f"--set init.from={resume})")
     if resume is not None:  # the run continues where it lies
         cfg = replace(cfg, run=replace(cfg.run, out_dir=str(resume if resume.is_dir() else resume.parent)))
     else:  # config.toml and --print-config show the schedule the run will follow
         cfg = trainer.fix_schedule(cfg)
+    # and the model init.from names (train() resolves it again, saying which [model] keys do not apply)
+    resolved = trainer.finetune_config(cfg)[0] if resume is None else cfg
     if print_config:
-        typer.echo(config_to_toml(cfg), nl=False)
+        typer.echo(config_to_toml(resolved), nl=False)
         return
-    result = trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(cfg))
+    result = trainer.train(cfg, checkpoint=checkpoint, config_text=config_to_toml(resolved))
     if result.world_size > 1:
         end_torchrun_worker()
 
@@ -174,6 +182,8 @@ def sample(
     top_p: Optional[float] = typer.Option(None, help="nucleus sampling threshold (1 = off)"),
     seed: Optional[int] = typer.Option(None, help="random seed: the same seed gives the same text"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16: the weights' dtype while decoding "
+                              "(auto: the GPU's autocast dtype; on a CPU bfloat16 above 4M parameters, else float32)"),
     checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt, the default) | best (best.pt) of a run "
                                               "folder"),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="recompute the whole context every token"),
@@ -233,7 +243,7 @@ def sample(
                                    (compile, "--compile")):
             if given_option:
                 raise UserError(f"--draft (speculative decoding) does not combine with {name}; drop one of them")
-    run = sampler.load_for_inference(run_dir, checkpoint=checkpoint, device=device)
+    run = sampler.load_for_inference(run_dir, checkpoint=checkpoint, device=device, dtype=dtype)
     if beams is not None and beams > run.model.config.vocab_size:
         raise UserError(f"--beams ({beams}) is larger than the vocabulary ({run.model.config.vocab_size} ids); use fewer")
 
@@ -248,7 +258,7 @@ def sample(
         if run.pairs:
             raise UserError(f"--draft speculates on a token stream; {run_dir} decodes targets for sources (trained "
                             "on pairs): drop --draft")
-        draft_run = sampler.load_for_inference(draft, device=device)
+        draft_run = sampler.load_for_inference(draft, device=device, dtype=dtype)
         sampler.check_draft(run, draft_run, draft)
         sampler.sample_speculative(run, draft_run, prompt, num_samples, sc,
                                    4 if draft_tokens is None else draft_tokens, write=write)
@@ -260,6 +270,34 @@ def sample(
                         "drop --beams")
     else:
         sampler.sample(run, prompt, num_samples, sc, write=write)
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(..., help="a Hugging Face model folder (config.json + model.safetensors, sharded "
+                                 "safetensors or pytorch_model.bin) or a hub id such as gpt2"),
+    out: Path = typer.Option(..., help="the run folder to write (ckpt.pt, config.toml): a new or empty folder"),
+    dtype: str = typer.Option("auto", help="auto (keep the file's dtype) | float32 | bfloat16"),
+):
+    """Import GPT-2, Llama, Mistral or Qwen3 weights and tokenizer from Hugging Face as a minigpt run: sample,
+    attention, inspect, eval and bench sample use it; init.from fine-tunes it."""
+    from interop.convert import import_model
+
+    import_model(source, out, dtype, log=lambda s: typer.echo(s, err=True))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="a run folder written by `minigpt train` or `minigpt import`, or one of its "
+                               ".pt files"),
+    out: Path = typer.Option(..., help="the Hugging Face folder to write: a new or empty folder"),
+    checkpoint: Optional[str] = typer.Option(None, help="latest (ckpt.pt) | best (best.pt) (default: latest)"),
+):
+    """Export a run as a Hugging Face model folder (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM or
+    Qwen3ForCausalLM, with its tokenizer) that AutoModelForCausalLM and AutoTokenizer load with no code of ours."""
+    from interop.convert import export_run
+
+    export_run(run, out, checkpoint, log=lambda s: typer.echo(s, err=True))
 
 
 @app.command()

@@ -258,7 +258,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(workspace, case):
 def test_bad_input_through_a_real_process_has_no_traceback(tmp_path):
     r = minigpt("train", REPO_ROOT / "config" / "debug.toml", "--set", "modle.n_layer=2", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == "error: unknown section 'modle' (did you mean 'model'?); sections are: model, data, optim, train, run, log"
+    assert r.stderr.strip() == "error: unknown section 'modle' (did you mean 'model'?); sections are: model, init, data, optim, train, run, log"
     r = minigpt("bench", "train", REPO_ROOT / "config" / "debug.toml", "--stpes", "3", cwd=tmp_path)
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: No such option: --stpes")  # click's wording
