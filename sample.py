@@ -322,7 +322,8 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
             write("\n" + "-" * 40 + "\n")
         write(prompt)
         stream = TextStream(run.tokenizer, ids)  # tokens may split a character, or need the text before them
-        generate(run.model, x, run.tokenizer.vocab_size, sc, generator=generator, rt=run.rt,
+        # every row of the model's vocabulary, as HF's generate: an imported model's may pass its tokenizer's
+        generate(run.model, x, run.model.config.vocab_size, sc, generator=generator, rt=run.rt,
                  stop_token=run.tokenizer.eot_token, cache=cache, on_token=lambda t: write(stream.push(t)))
         write(stream.flush())
         texts.append(prompt + stream.text)

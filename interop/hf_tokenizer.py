@@ -133,11 +133,13 @@ class HFTokenizer:
         return self._encode(text, special=True)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        """The ids to decode: those past the vocabulary are left out, as HF's decode does (a model's vocabulary may
+        have rows its tokenizer never produces, which its generate can still pick); a negative id is an error."""
         ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        bad = next((i for i in ids if i < 0), None)
         if bad is not None:
             raise UserError(f"token id {bad} is out of range for this tokenizer's vocabulary of {self.vocab_size}")
-        return ids
+        return [i for i in ids if i < self.vocab_size]
 
     def decode(self, ids: Sequence[int]) -> str:
         """AutoTokenizer's decode(ids, skip_special_tokens=True): special tokens (BOS, EOS, pad) are not printed."""

@@ -108,6 +108,25 @@ def test_imported_llama_samples_what_hf_generates(llama_folder, tmp_path):
     ok(cli("bench", "sample", run, "--prompt-len", 8, "--new-tokens", 4))
 
 
+def test_rows_past_the_tokenizer_are_generated_as_hf_generates_them(llama_folder, tmp_path):
+    """HF's generate picks from every row of the model's vocabulary, and its decode leaves out an id its tokenizer
+    does not have: minigpt's sampling does the same."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    prompt = "JULIET:\nO Romeo"
+    ids = tok(prompt)["input_ids"]
+    extra = model.config.vocab_size - 1  # a row no token of the tokenizer maps to
+    with torch.no_grad():  # wherever the first greedy token would win, the extra row wins instead
+        model.lm_head.weight[extra] = 2 * model.lm_head.weight[hf_greedy(llama_folder, ids, 1)[0]]
+    folder = tmp_path / "padded"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    new = hf_greedy(folder, ids, 16)
+    assert extra in new and extra >= len(tok)
+    ok(cli("import", folder, "--out", tmp_path / "run"))
+    assert greedy_sample(tmp_path / "run", prompt, 16) == prompt + tok.decode(new, skip_special_tokens=True) + "\n"
+
+
 def test_imported_gpt2_without_tokenizer_files_uses_tiktoken_and_samples_what_hf_generates(gpt2_folder, tmp_path,
                                                                                         has_gpt2_cache):
     if not has_gpt2_cache:
