@@ -143,7 +143,8 @@ class EncoderDecoder(nn.Module):
         if enc.pos_encoding == "learned" and S > enc.block_size:
             raise ValueError(f"a source of {S} tokens exceeds source_block_size {enc.block_size}")
         positions = torch.arange(S, device=source.device)
-        inputs = attention_inputs(enc, positions, None, 0, getattr(self, "alibi_slopes", None), key_mask=source_mask)
+        inputs = attention_inputs(enc, positions, None, 0, getattr(self, "alibi_slopes", None), key_mask=source_mask,
+                                  rope_scaling=enc.trained_rope_scaling)
         x = self.drop(embed(enc, self.wte, self.encoder_wpe, source, positions))
         for block in self.encoder:
             x, _ = run_block(block, enc, x, inputs, None, 0, reference)
@@ -165,11 +166,12 @@ class EncoderDecoder(nn.Module):
             if cfg.pos_encoding == "learned" and T > cfg.block_size:
                 raise ValueError(f"{T} positions exceed block_size {cfg.block_size} (learned positions end there)")
             positions = torch.arange(T, device=target.device)
-            inputs = attention_inputs(cfg, positions, None, 0, slopes)
+            inputs = attention_inputs(cfg, positions, None, 0, slopes, rope_scaling=cfg.trained_rope_scaling)
         else:
             positions = kv_cache.claim(T) if positions is None else positions
             slots = kv_cache.record(positions)
-            inputs = attention_inputs(cfg, positions, kv_cache.slot_pos, 0, slopes)
+            inputs = attention_inputs(cfg, positions, kv_cache.slot_pos, 0, slopes,
+                                      rope_scaling=cfg.trained_rope_scaling)
             inputs.slots = slots
         x = self.drop(embed(cfg, self.wte, self.wpe, target, positions))
         maps = []

@@ -426,6 +426,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     check_extrapolation(plan, run, wanted, rope)
     loaded = sample.load_for_inference(plan.checkpoint, device=device)
     if rope is not None:  # for this evaluation only: the checkpoint is not touched
+        if loaded.model.config.rope_scaling != "none":  # one stretch at a time: the trained one stays
+            raise UserError(f"{run} was trained with {loaded.model.config.rope_scaling} RoPE scaling, which "
+                            "--rope-scaling would replace; drop --rope-scaling")
         loaded.model.rope_scaling = RopeScaling(*rope, original=loaded.model.config.block_size)
     if wanted is not None:
         metrics, rows = evaluate_lengths(loaded, plan, wanted, progress), []

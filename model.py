@@ -42,6 +42,12 @@ class GPTConfig:
     # positions
     pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"  # GPT-2 learns a table
     rope_theta: float = 10000.0  # RoPE base (Su 2021, Llama 2); larger stretches the longest wavelength
+    # RoPE trained with stretched frequencies (RopeScaling): "llama3" = Llama 3.1+'s; the four below are its settings
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0  # long wavelengths are divided by this
+    rope_original_context: int = 8192  # the context wavelengths are measured against
+    rope_low_freq: float = 1.0  # pairs turning fewer times than this in that context are divided by rope_factor,
+    rope_high_freq: float = 4.0  # pairs turning more times than this are kept; a linear blend between
     # attention
     n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head), 1 = multi-query, between = grouped-query
     attn_window: int = 0  # sliding window: each token sees itself and the W-1 before it; 0 = the whole context
@@ -87,6 +93,10 @@ class GPTConfig:
             raise ValueError(f"rope rotates pairs of dimensions: the head size ({self.head_size}) must be even")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_scaling != "none":
+            if self.pos_encoding != "rope":
+                raise ValueError(f"rope_scaling = {self.rope_scaling!r} stretches RoPE: set pos_encoding = 'rope'")
+            self.trained_rope_scaling  # RopeScaling checks its own values
         if self.attn_mask == "prefix" and not self.prefix_len < self.block_size:
             raise ValueError(f"attn_mask = 'prefix' needs prefix_len < block_size ({self.block_size}) (0: each "
                              f"example's source, on a pairs dataset), got {self.prefix_len}")
@@ -112,6 +122,13 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def trained_rope_scaling(self) -> RopeScaling | None:
+        if self.rope_scaling == "none":
+            return None
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_original_context,
+                           beta_fast=self.rope_high_freq, beta_slow=self.rope_low_freq)
 
     @property
     def has_attn_bias(self) -> bool:
@@ -172,24 +189,28 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE stretched to run past the context it was trained on: set at evaluation time only (`minigpt eval
-    --rope-scaling`, as `GPT.rope_scaling`), never trained with. `factor` s >= 1 (1 changes nothing); `original` is
-    the trained context (block_size), which YaRN's ramp measures wavelengths against.
+    """RoPE stretched to run past the context it was trained on: linear, ntk and yarn at evaluation time (`minigpt
+    eval --rope-scaling`, as `GPT.rope_scaling`), llama3 as a model was trained (GPTConfig.rope_scaling). `factor`
+    s >= 1 (1 changes nothing); `original` is the trained context, which the ramps measure wavelengths against.
       linear  positions divided by s (Chen 2023, position interpolation)
       ntk     the base raised to θ·s^(hs/(hs-2)) ("NTK-aware"): the lowest frequency is divided by s, the highest kept
       yarn    each frequency divided by s where its wavelength is long against the original context, kept where it
               turns more than beta_fast times in it, a linear ramp between (Peng 2023); and queries and keys each
-              scaled by 0.1·ln(s) + 1, so attention logits by its square (YaRN's temperature)"""
+              scaled by 0.1·ln(s) + 1, so attention logits by its square (YaRN's temperature)
+      llama3  as yarn, but the ramp is linear in the rotations themselves, between beta_slow (Llama 3's
+              low_freq_factor) and beta_fast (its high_freq_factor), and no temperature"""
 
-    kind: Literal["linear", "ntk", "yarn"]
+    kind: Literal["linear", "ntk", "yarn", "llama3"]
     factor: float
     original: int
     beta_fast: float = 32.0  # YaRN's defaults: rotations in the original context above which a pair is kept,
     beta_slow: float = 1.0  # and below which it is interpolated
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "ntk", "yarn"):
-            raise ValueError(f"RoPE scaling is linear, ntk or yarn, got {self.kind!r}")
+        if self.kind not in ("linear", "ntk", "yarn", "llama3"):
+            raise ValueError(f"RoPE scaling is linear, ntk, yarn or llama3, got {self.kind!r}")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"RoPE scaling needs 0 < low ({self.beta_slow}) < high ({self.beta_fast}) rotations")
         if not (math.isfinite(self.factor) and self.factor >= 1):
             raise ValueError(f"the RoPE scaling factor must be >= 1 (1 = unscaled), got {self.factor}")
         if self.original < 1:
@@ -215,6 +236,10 @@ def scaled_rope_angles(positions: torch.Tensor, head_size: int, theta: float,
     inv_freq, magnitude = theta ** (-dims), 1.0
     if scaling.kind == "linear":
         pos = pos / s
+    elif scaling.kind == "llama3":  # rotations of each pair in the original context, original / wavelength
+        rotations = scaling.original * inv_freq / (2 * math.pi)
+        kept = ((rotations - scaling.beta_slow) / (scaling.beta_fast - scaling.beta_slow)).clamp(0, 1)
+        inv_freq = inv_freq / s * (1 - kept) + inv_freq * kept
     elif scaling.kind == "ntk":  # with one pair (hs = 2) its frequency is 1 whatever the base
         inv_freq = (theta * s ** (head_size / (head_size - 2) if head_size > 2 else 1.0)) ** (-dims)
     else:  # yarn: pair i turns original·θ^(-2i/hs)/2π times in the original context
@@ -656,7 +681,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # tied: the output layer reads the input embedding back
-        self.rope_scaling: RopeScaling | None = None  # evaluation's stretched RoPE (minigpt eval --rope-scaling)
+        # the stretched RoPE it was trained with, or evaluation's (minigpt eval --rope-scaling)
+        self.rope_scaling: RopeScaling | None = cfg.trained_rope_scaling
         if cfg.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_head), persistent=False)
         self.apply(self._init_weights)

@@ -71,11 +71,20 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
         # the Llama family
         if hf.get("hidden_act", "silu") != "silu":
             raise _refuse(where, f"hidden_act {hf.get('hidden_act')!r} (Llama-family SwiGLU uses silu)")
+        # transformers 5 writes rope_parameters; earlier releases rope_theta and a rope_scaling dict (or null)
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-        if rope_type != "default":
-            raise _refuse(where, f"RoPE scaling {rope_type!r} (minigpt imports unscaled RoPE)")
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0)
+        if not isinstance(rope, dict):
+            raise UserError(f"{where}: config.json's RoPE parameters are {rope!r}, not an object; the config is damaged")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise _refuse(where, f"RoPE scaling {rope_type!r} (minigpt imports plain RoPE and Llama 3's llama3)")
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise _refuse(where, "RoPE on part of each head (partial_rotary_factor)")
+        r = lambda key: _number(rope, key, where, kind=float)  # noqa: E731
+        scaling = {} if rope_type == "default" else dict(
+            rope_scaling="llama3", rope_factor=r("factor"), rope_low_freq=r("low_freq_factor"),
+            rope_high_freq=r("high_freq_factor"), rope_original_context=int(r("original_max_position_embeddings")))
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         width, heads = n("hidden_size"), n("num_attention_heads")
         head_dim = n("head_dim", width // heads) if hf.get("head_dim") is not None else width // heads
         kv_heads = n("num_key_value_heads", heads) if hf.get("num_key_value_heads") is not None else heads
@@ -92,7 +101,7 @@ def config_from_hf(hf: dict, where: str) -> GPTConfig:
                          qk_norm=model_type == "qwen3", bias=False,
                          attn_bias=True if hf.get("attention_bias") else None,
                          mlp_bias=True if model_type == "llama" and hf.get("mlp_bias") else None,
-                         pos_encoding="rope", rope_theta=float(theta), norm="rmsnorm",
+                         pos_encoding="rope", rope_theta=float(theta), **scaling, norm="rmsnorm",
                          norm_eps=n("rms_norm_eps", 1e-6, float), mlp="swiglu", mlp_hidden=n("intermediate_size"),
                          tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     except ValueError as e:  # GPTConfig's own checks: a config.json no model can have
@@ -230,9 +239,10 @@ def hf_config(model_type: str, cfg: GPTConfig, token_ids: dict, dtype: torch.dty
     out = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.hidden_size,
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
            "head_dim": cfg.head_size, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
-           "rms_norm_eps": eps, "rope_theta": cfg.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "rms_norm_eps": eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters(cfg),
            "attention_dropout": cfg.dropout}
+    if cfg.rope_scaling != "none":
+        out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
     if model_type == "llama":
         out.update(attention_bias=cfg.has_attn_bias, mlp_bias=cfg.has_mlp_bias)
     elif model_type == "mistral":
@@ -241,6 +251,16 @@ def hf_config(model_type: str, cfg: GPTConfig, token_ids: dict, dtype: torch.dty
         out.update(attention_bias=cfg.has_attn_bias, use_sliding_window=False, sliding_window=None,
                    max_window_layers=cfg.n_layer, layer_types=["full_attention"] * cfg.n_layer)
     return out
+
+
+def rope_parameters(cfg: GPTConfig) -> dict:
+    """config.json's rope_parameters (transformers 5; earlier releases read rope_theta and rope_scaling, also
+    written)."""
+    if cfg.rope_scaling == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq, "high_freq_factor": cfg.rope_high_freq,
+            "original_max_position_embeddings": cfg.rope_original_context}
 
 
 def hf_weights(model_type: str, cfg: GPTConfig, state: dict[str, torch.Tensor]):

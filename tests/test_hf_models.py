@@ -43,6 +43,14 @@ HF_CONFIGS = {
                                                               attention_bias=True, mlp_bias=True,
                                                               tie_word_embeddings=True, bos_token_id=1,
                                                               eos_token_id=2),
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, max_position_embeddings=48,
+                                                            rope_parameters=dict(rope_type="llama3", rope_theta=10000.0,
+                                                                                 factor=4.0, low_freq_factor=1.0,
+                                                                                 high_freq_factor=4.0,
+                                                                                 original_max_position_embeddings=64),
+                                                            bos_token_id=1, eos_token_id=2),
     "mistral_window": lambda: transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=2, num_attention_heads=4,
                                                          num_key_value_heads=2, max_position_embeddings=48,
@@ -150,6 +158,9 @@ EXPORTABLE = {
               "LlamaForCausalLM"),
     "llama_biases_untied": (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=True, attn_bias=True,
                                  mlp_bias=False, tie_embeddings=False, norm_eps=1e-5), "LlamaForCausalLM"),
+    "llama3_rope": (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_scaling="llama3",
+                         rope_factor=8.0, rope_original_context=40, rope_low_freq=1.0, rope_high_freq=3.0,
+                         n_embd=64), "LlamaForCausalLM"),
     "mistral": (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, attn_window=8, n_kv_head=1),
                 "MistralForCausalLM"),
     "qwen3": (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True, head_dim=12,
@@ -159,7 +170,7 @@ EXPORTABLE = {
 
 def our_model(**overrides) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32, **overrides)
+    cfg = GPTConfig(**{**dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32), **overrides})
     model = GPT(cfg)
     randomize(model)
     return model.eval()
@@ -224,3 +235,25 @@ def test_new_config_fields_default_to_the_old_model():
     assert {k: v.shape for k, v in explicit.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert set(expected_shapes(cfg)) == set(model.state_dict())
     assert asdict(cfg)["head_dim"] == 0
+
+
+def test_llama3_rope_scaling_stretches_each_band_as_llama3_does():
+    """Pairs turning more than high_freq times in the original context keep their frequency, those under low_freq
+    are divided by the factor, and the ones between blend linearly in their rotations; as transformers computes."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from model import rope_angles
+
+    hf = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=131072,
+                                  rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192))
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    cfg = config_from_hf(hf.to_dict() | {"architectures": ["LlamaForCausalLM"]}, "x")
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_context) == ("llama3", 8.0, 8192)
+    cos, sin = rope_angles(torch.tensor([1]), cfg.head_size, cfg.rope_theta, cfg.trained_rope_scaling)
+    ours = torch.atan2(sin[0], cos[0])  # the angle at position 1 is the frequency itself
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    plain = cfg.rope_theta ** (-torch.arange(0, cfg.head_size, 2) / cfg.head_size)
+    assert torch.allclose(ours[0], plain[0].float(), rtol=1e-6)  # the fastest pair: kept
+    assert torch.allclose(ours[-1], plain[-1].float() / 8, rtol=1e-5)  # the slowest: divided by the factor
