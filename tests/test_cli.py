@@ -270,16 +270,19 @@ def test_readme_documents_every_config_key_with_its_default():
     import re
 
     import train
+    from cli.config_loader import toml_key
 
     readme = (REPO_ROOT / "README.md").read_text()
     for section in dataclasses.fields(train.Config):
         defaults = section.default_factory()
         for f in dataclasses.fields(defaults):
-            key, default = f"{section.name}.{f.name}", getattr(defaults, f.name)
+            key, default = f"{section.name}.{toml_key(f.name)}", getattr(defaults, f.name)
             row = re.search(rf"^\| `{re.escape(key)}` \| ([^|]*) \| \S", readme, re.M)
             assert row, f"README's config reference lacks {key}"
             shown = row.group(1).strip()
-            if isinstance(default, bool):
+            if default is None:
+                assert shown == "none", key
+            elif isinstance(default, bool):
                 assert shown == str(default).lower(), key
             elif isinstance(default, (int, float)):
                 assert float(shown) == default, key
