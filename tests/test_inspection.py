@@ -2,7 +2,7 @@
 estimates, checked against numbers known independently of this code."""
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import checkpoint
 import inspection
 import train
-from cli.config_loader import load_config
+from cli.config_loader import config_to_dict, load_config
 from cli.main import app
 from conftest import REPO_ROOT
 from encoder_decoder import EncoderDecoder, encoder_config
@@ -303,7 +303,7 @@ def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     saved = load_config(train.Config, DEBUG, ["model.vocab_size=65", "model.n_layer=3"])
-    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "model": {}, "config": asdict(saved)}, run / "ckpt.pt")
+    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "model": {}, "config": config_to_dict(saved)}, run / "ckpt.pt")
     result = invoke(run, "--set", "model.n_kv_head=1")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("3 layers, 2 heads (kv 1)") and "does not exist" not in result.stdout

@@ -1,7 +1,7 @@
 """`minigpt positions` and position_plots.py: the plotted arrays are the textbook formulas (Vaswani 2017's sinusoids,
 RoFormer's rotations, Press 2022's ALiBi), computed here independently of model.py."""
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import checkpoint
 import position_plots as pp
 import train
-from cli.config_loader import load_config
+from cli.config_loader import config_to_dict, load_config
 from cli.main import app
 from conftest import REPO_ROOT
 from model import GPTConfig
@@ -111,7 +111,7 @@ def save_run(folder, table, **model):
     changes = [f"model.{k}={v}" for k, v in model.items()]
     cfg = load_config(train.Config, DEBUG, ["model.vocab_size=65", *changes])
     weights = {} if table is None else {"wpe.weight": table}
-    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "model": weights, "config": asdict(cfg), "step": 40},
+    torch.save({"version": checkpoint.CHECKPOINT_VERSION, "model": weights, "config": config_to_dict(cfg), "step": 40},
                folder / "ckpt.pt")
 
 
