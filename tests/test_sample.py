@@ -219,3 +219,31 @@ def test_inference_runtime_casts_big_models_to_bf16_on_a_bf16_cpu(monkeypatch, p
     monkeypatch.setattr(sample, "cpu_has_bf16", lambda: False)
     assert sample.inference_runtime(big, "cpu").dtype == torch.float32
     assert {p.dtype for p in big.parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(not sample.packs_linears(torch.device("cpu"), torch.bfloat16),
+                    reason="needs a CPU with native bf16 and oneDNN's linear ops")
+def test_packed_linears_decode_bitwise_as_plain_linears(monkeypatch):
+    """bfloat16 decoding on a CPU multiplies by weights laid out once (sample.packed_linears): the same logits bit for
+    bit, prefill and decode, nothing left on the model afterwards, and a weight changed in place is packed again."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval().to(torch.bfloat16)
+    idx = torch.randint(0, 65, (2, 9))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        with sample.packed_linears(model):
+            assert torch.equal(model(idx)[0], ref)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        model.blocks[0].mlp.c_fc.weight.mul_(2)
+        ref = model(idx)[0]
+        with sample.packed_linears(model):
+            assert torch.equal(model(idx)[0], ref)
+
+    def decode(packed: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(sample, "packs_linears", lambda *a: packed)
+        steps = sample.decode_steps(model, idx[:1], 40, 65, temperature=1.0, top_k=5,
+                                    generator=torch.Generator().manual_seed(0))
+        return [logits for _, logits in steps]
+
+    plain, packed = decode(False), decode(True)  # past block_size: the window moves and the cache is rebuilt
+    assert len(plain) == 40 and all(torch.equal(a, b) for a, b in zip(plain, packed))
