@@ -4,6 +4,7 @@ timed after warm-up (and compilation), on the configured device and dtype.
     bench_train(cfg, steps)  -> ms/step, tokens/s, achieved TFLOP/s, MFU, peak memory; on pairs also the time and
                                 FLOPs per target token, and an encoder-decoder beside the decoder-only model of its size
     bench_sample(...)        -> prefill ms and tokens/s, decode tokens/s with and without the KV cache
+    bench_speculative(...)   -> tokens/s plain and with a draft model, the draft's acceptance, the speed-up
     compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately
 """
 
@@ -36,7 +37,8 @@ from model import GPT, GPTConfig
 from pairs import is_pairs
 from prepare_data import UserError, read_meta
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
-from sample import decode_cache, decode_steps
+import sample
+from sample import LoadedRun, decode_cache, decode_steps
 
 
 class RandomBatches(BatchSource):
@@ -209,6 +211,67 @@ def bench_sample(model: GPT, rt: Runtime, batch: int = 1, prompt_len: int = 64, 
         "prefill_ms": 1000 * prefill_s, "prefill_tokens_per_s": batch * prefilled / prefill_s,
         "decode_tokens_per_s": cached, "decode_tokens_per_s_no_cache": uncached, "kv_cache_speedup": cached / uncached,
     }
+
+
+@torch.no_grad()
+def bench_speculative(run: LoadedRun, draft: LoadedRun, prompt_len: int = 1, new_tokens: int = 200,
+                      draft_tokens: int = 4, repeats: int = 3, seed: int = 1337) -> dict:
+    """Plain against speculative decoding (`sample --draft`) for one prompt of prompt_len random tokens and
+    new_tokens new ones, greedy and sampled at SampleConfig's defaults (temperature 0.8, top-k 200): tokens/s of
+    each, timed over the whole generation (the prompt's prefill included, for both), alternately, `repeats` times
+    after a warm-up, medians; the speed-up; and the draft's acceptance: accepted draft tokens per check (per target
+    forward) and the share of proposed tokens accepted. Neither stops at an end-of-text token, so both make
+    exactly new_tokens; each run restarts the same seed, so every repeat makes the same tokens (`same_tokens`:
+    whether, greedy, they are the plain run's, as they are in exact arithmetic)."""
+    sample.check_draft(run, draft)
+    vocab = run.tokenizer.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab, (prompt_len,), generator=g).tolist()
+    prompt = torch.tensor([ids], device=run.rt.device)
+    result = {"device": str(run.rt.device), "dtype": str(run.rt.dtype).removeprefix("torch."),
+              "params": run.model.num_params(), "draft_dtype": str(draft.rt.dtype).removeprefix("torch."),
+              "draft_params": draft.model.num_params(), "prompt_len": prompt_len, "new_tokens": new_tokens,
+              "draft_tokens": draft_tokens, "repeats": repeats}
+    base = sample.SampleConfig()
+    for name, sc in (("greedy", replace(base, max_new_tokens=new_tokens, temperature=0.0)),
+                     ("sampled", replace(base, max_new_tokens=new_tokens))):
+        dec = sample.SpeculativeDecoder(run.model, draft.model, vocab, draft_tokens, temperature=sc.temperature,
+                                        top_k=sc.top_k, top_p=sc.top_p, target_rt=run.rt, draft_rt=draft.rt)
+        cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype)
+
+        def plain(n: int) -> tuple[float, list[int]]:
+            generator = torch.Generator(device=run.rt.device).manual_seed(seed)
+            t0 = time.perf_counter()
+            out = sample.generate(run.model, prompt, vocab, replace(sc, max_new_tokens=n), generator=generator,
+                                  rt=run.rt, cache=cache)
+            return time.perf_counter() - t0, out
+
+        def speculative(n: int) -> tuple[float, list[int]]:
+            dec.generator = torch.Generator(device=run.rt.device).manual_seed(seed)
+            dec.proposed = dec.accepted = dec.forwards = dec.emitted = 0
+            t0 = time.perf_counter()
+            out = sample.generate_speculative(dec, ids, n)
+            return time.perf_counter() - t0, out
+
+        plain(min(new_tokens, 16))  # warm-up
+        speculative(min(new_tokens, 16))
+        plain_s, spec_s = [], []
+        for _ in range(repeats):
+            seconds, plain_out = plain(new_tokens)
+            plain_s.append(seconds)
+            seconds, spec_out = speculative(new_tokens)
+            spec_s.append(seconds)
+        plain_tps, spec_tps = new_tokens / statistics.median(plain_s), new_tokens / statistics.median(spec_s)
+        result[name] = {
+            "temperature": sc.temperature, "top_k": sc.top_k,
+            "plain_tokens_per_s": plain_tps, "speculative_tokens_per_s": spec_tps, "speedup": spec_tps / plain_tps,
+            "checks": dec.forwards, "accepted_per_check": dec.accepted / dec.forwards,
+            "acceptance": dec.accepted / dec.proposed if dec.proposed else None,
+            "tokens_per_check": dec.emitted / dec.forwards,
+        }
+        if name == "greedy":
+            result[name]["same_tokens"] = spec_out == plain_out
+    return result
 
 
 def format_table(title: str, result: dict) -> str:

@@ -500,9 +500,15 @@ def bench_sample(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: a config's "
                                          "run.device, auto for a run)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the cached decode step (timed after it)"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="a smaller run with the same tokenizer: time plain "
+                                         "against speculative decoding (greedy and sampled) and report the draft's "
+                                         "acceptance"),
+    draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", help="tokens the draft proposes per check "
+                                               "[default: 4]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Prefill ms and decode tokens/s, with and without the KV cache."""
+    """Prefill ms and decode tokens/s, with and without the KV cache; with --draft, tokens/s plain and speculative,
+    the speed-up and the draft's acceptance rate."""
     import torch
 
     from prepare_data import UserError
@@ -515,6 +521,17 @@ def bench_sample(
 
     if batch < 1 or prompt_len < 1 or new_tokens < 2:
         raise UserError("--batch and --prompt-len must be >= 1, --new-tokens >= 2")
+    if draft_tokens is not None and draft is None:
+        raise UserError("--draft-tokens is how many tokens a draft model proposes: add --draft DRAFT_RUN")
+    if draft is not None:
+        if draft_tokens is not None and draft_tokens < 1:
+            raise UserError(f"--draft-tokens must be >= 1, got {draft_tokens}")
+        if batch != 1 or compile:
+            raise UserError(f"--draft (speculative decoding) decodes one sequence, eagerly: drop "
+                            f"{'--batch' if batch != 1 else '--compile'}")
+        if not (target.is_dir() or target.suffix == ".pt"):
+            raise UserError(f"--draft needs a trained run as TARGET (a run folder or .pt file) to share its "
+                            f"tokenizer and to accept its tokens; {target} is a config")
     if target.is_dir() or target.suffix == ".pt":
         if set_:
             raise UserError("--set changes a config; a run's model is what it was trained as (pass a TOML config)")
@@ -534,6 +551,13 @@ def bench_sample(
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
         rt = sampler.inference_runtime(model, device)
+    if draft is not None:
+        draft_run = sampler.load_for_inference(draft, device=device or "auto")
+        sampler.check_draft(run, draft_run, draft)
+        result = bench.bench_speculative(run, draft_run, prompt_len, new_tokens, 4 if draft_tokens is None
+                                         else draft_tokens)
+        echo_result(f"bench sample {target} --draft {draft}", result, as_json)
+        return
     result = bench.bench_sample(model, rt, batch, prompt_len, new_tokens, compile=compile)
     echo_result(f"bench sample {target}", result, as_json)
 

@@ -171,6 +171,66 @@ def test_cli_bench_sample_runs_on_the_configs_device():
     assert r.exit_code == 0 and json.loads(r.stdout)["device"] == "cpu"  # --device wins
 
 
+# --- minigpt bench sample --draft: plain against speculative decoding ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec_runs(char_data, tmp_path_factory):
+    """A target and a smaller draft trained briefly on the same characters (as tests/test_speculative.py's)."""
+    root = tmp_path_factory.mktemp("bench_spec")
+    short = dict(max_iters=20, eval_interval=20, eval_iters=1)
+    train.train(tiny_config(char_data, root / "target", train=short))
+    train.train(tiny_config(char_data, root / "draft", model=dict(n_layer=1, n_head=2, n_embd=16, block_size=12),
+                            train=short))
+    return root / "target", root / "draft"
+
+
+def test_bench_speculative_figures_are_consistent(spec_runs):
+    import sample
+
+    target, draft = (sample.load_for_inference(r, device="cpu") for r in spec_runs)
+    r = bench.bench_speculative(target, draft, prompt_len=3, new_tokens=40, draft_tokens=3, repeats=1)
+    assert (r["prompt_len"], r["new_tokens"], r["draft_tokens"]) == (3, 40, 3)
+    assert r["params"] > r["draft_params"] and r["dtype"] == r["draft_dtype"] == "float32"
+    for name, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+        m = r[name]
+        assert m["temperature"] == temperature and m["top_k"] == 200
+        assert m["plain_tokens_per_s"] > 0 and m["speculative_tokens_per_s"] > 0
+        assert m["speedup"] == pytest.approx(m["speculative_tokens_per_s"] / m["plain_tokens_per_s"])
+        assert 0 <= m["acceptance"] <= 1 and 0 <= m["accepted_per_check"] <= 3
+        # each check emits its accepted tokens and one of the target's own; 40 tokens need at least 40 / 4 checks
+        assert m["tokens_per_check"] == pytest.approx(m["accepted_per_check"] + 1)
+        assert 10 <= m["checks"] <= 40 and m["checks"] * m["tokens_per_check"] >= 40
+    assert r["greedy"]["same_tokens"] is True  # float32: speculative greedy is plain greedy, token for token
+    itself = bench.bench_speculative(target, target, prompt_len=1, new_tokens=12, draft_tokens=2, repeats=1)
+    assert itself["greedy"]["acceptance"] == itself["sampled"]["acceptance"] == 1.0
+
+
+def test_cli_bench_sample_with_a_draft(spec_runs):
+    runner = CliRunner()
+    target, draft = map(str, spec_runs)
+    r = runner.invoke(app, ["bench", "sample", target, "--draft", draft, "--draft-tokens", "2", "--new-tokens", "12",
+                            "--prompt-len", "2", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["draft_tokens"] == 2 and {"speedup", "acceptance", "accepted_per_check"} <= result["greedy"].keys()
+    r = runner.invoke(app, ["bench", "sample", target, "--draft", draft, "--new-tokens", "6", "--device", "cpu"])
+    assert r.exit_code == 0 and "speculative_tokens_per_s" in r.stdout and "acceptance" in r.stdout  # the table
+    cases = [
+        (["--draft-tokens", "2"], "--draft-tokens is how many tokens a draft model proposes: add --draft"),
+        (["--draft", draft, "--draft-tokens", "0"], "--draft-tokens must be >= 1, got 0"),
+        (["--draft", draft, "--batch", "2"], "drop --batch"),
+        (["--draft", draft, "--compile"], "drop --compile"),
+        (["--draft", str(spec_runs[0].parent / "missing")], ""),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, ["bench", "sample", target, "--device", "cpu", *args])
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, args
+        assert message in r.stderr
+    r = runner.invoke(app, ["bench", "sample", DEBUG, "--draft", draft])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --draft needs a trained run as TARGET")
+
+
 # --- minigpt bench nanogpt ---------------------------------------------------------------------------
 # nanoGPT itself is not needed: a fake checkout prints lines in its exact formats, so the parsing, the warm-up
 # skipping and the ratios are checked against numbers we know, while our side really runs.
