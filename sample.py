@@ -244,11 +244,15 @@ def prefill_chunk(cfg: GPTConfig) -> int:
     return cfg.window if cfg.attn_mask == "causal" else cfg.block_size
 
 
-def decode_cache(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-    """The KV cache decode_steps uses: two prefill chunks' worth of slots, at most block_size. One cache can serve
-    several samples in turn (each prefill resets it), so a compiled step keeps the same static tensors."""
+def decode_cache(model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 tokens: int | None = None) -> KVCache:
+    """The KV cache decode_steps uses: two prefill chunks' worth of slots, at most block_size, and at most `tokens`,
+    the positions one generation takes (its prompt's last block_size tokens and the new ones): an imported model's
+    context can be 131,072 positions, whose cache would take gigabytes a 500-token sample never touches. One cache
+    can serve several samples in turn (each prefill resets it), so a compiled step keeps the same static tensors."""
     cfg = model.config
-    return KVCache(cfg, batch_size, max_len=min(cfg.block_size, 2 * prefill_chunk(cfg)), device=device, dtype=dtype)
+    slots = min(cfg.block_size, 2 * prefill_chunk(cfg), tokens or cfg.block_size)
+    return KVCache(cfg, batch_size, max_len=slots, device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -281,7 +285,7 @@ def decode_steps(model: GPT, prompt: torch.Tensor, max_new_tokens: int, vocab_si
     cache = None
     if kv_cache is not False and mask_token is None:  # True, or a cache to reuse
         cache = kv_cache if isinstance(kv_cache, KVCache) else decode_cache(model, prompt.size(0), prompt.device,
-                                                                             dtype)
+                                                                             dtype, n_prompt + max_new_tokens)
         if (cache.k.size(1), cache.k.device, cache.k.dtype) != (prompt.size(0), prompt.device, dtype):
             raise ValueError(f"the KV cache is for batch {cache.k.size(1)} on {cache.k.device} in {cache.k.dtype}, "
                              f"not batch {prompt.size(0)} on {prompt.device} in {dtype}")
@@ -370,7 +374,8 @@ def sample(run: LoadedRun, prompt: str, num_samples: int, sc: SampleConfig,
     x = torch.tensor([ids], dtype=torch.long, device=run.rt.device)
     generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
     # one cache for every sample: a compiled decode step (a CUDA graph) keeps reading the same tensors
-    cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype) if sc.kv_cache else None
+    tokens = min(len(ids), run.model.config.block_size) + sc.max_new_tokens  # the most positions a sample takes
+    cache = decode_cache(run.model, 1, run.rt.device, run.rt.dtype, tokens) if sc.kv_cache else None
     texts = []
     for i in range(num_samples):
         if i:

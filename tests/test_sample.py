@@ -54,6 +54,27 @@ def test_decoding_never_reallocates_or_reshapes_the_cache(monkeypatch):
     assert seen[0][1] == (2, 2, 2, 8, 16) and seen[0][3:] == ((2, 1), (1,))
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_a_long_context_gets_only_the_slots_one_generation_takes(monkeypatch, pos_encoding):
+    """An imported model's context can be 131,072 positions: the cache holds the prompt and the new tokens only,
+    and decodes as the uncached path does."""
+    model = tiny_model(block_size=4096, pos_encoding=pos_encoding)
+    made = []
+
+    class Recorded(sample.KVCache):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(sample, "KVCache", Recorded)
+    prompt = torch.randint(0, 50, (1, 7))
+    cached_tokens, cached_logits = run_steps(model, prompt, 20, kv_cache=True, temperature=0)
+    assert [c.max_len for c in made] == [7 + 20]
+    plain_tokens, plain_logits = run_steps(model, prompt, 20, kv_cache=False, temperature=0)
+    assert torch.equal(cached_tokens, plain_tokens)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_compiled_decode_step_equals_eager_and_compiles_once(batch):
     """The compiled one-token step gives the eager tokens and logits, through one graph for every position
