@@ -499,6 +499,8 @@ def bench_sample(
     new_tokens: int = typer.Option(200, help="tokens to decode"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps (default: a config's "
                                          "run.device, auto for a run)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16: the weights' dtype while decoding, "
+                              "as sample --dtype"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the cached decode step (timed after it)"),
     draft: Optional[Path] = typer.Option(None, "--draft", help="a smaller run with the same tokenizer: time plain "
                                          "against speculative decoding (greedy and sampled) and report the draft's "
@@ -535,7 +537,7 @@ def bench_sample(
     if target.is_dir() or target.suffix == ".pt":
         if set_:
             raise UserError("--set changes a config; a run's model is what it was trained as (pass a TOML config)")
-        run = sampler.load_for_inference(target, device=device or "auto")
+        run = sampler.load_for_inference(target, device=device or "auto", dtype=dtype)
         model, rt = run.model, run.rt
         if run.pairs:
             raise UserError(f"bench sample times continuing a prompt; {target} decodes targets for sources: "
@@ -550,9 +552,9 @@ def bench_sample(
         resolve_device(device)  # a bad --device is a one-line error before the model is built
         torch.manual_seed(cfg.run.seed)
         model = GPT(cfg.model)
-        rt = sampler.inference_runtime(model, device)
+        rt = sampler.inference_runtime(model, device, dtype)
     if draft is not None:
-        draft_run = sampler.load_for_inference(draft, device=device or "auto")
+        draft_run = sampler.load_for_inference(draft, device=device or "auto", dtype=dtype)
         sampler.check_draft(run, draft_run, draft)
         result = bench.bench_speculative(run, draft_run, prompt_len, new_tokens, 4 if draft_tokens is None
                                          else draft_tokens)
