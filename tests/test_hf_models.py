@@ -14,6 +14,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# nothing here reads the corpus (GPT-2's tests skip without tiktoken's cache either way): CI's first pass only
+pytestmark = pytest.mark.once
 
 from interop.convert import expected_shapes, read_state  # noqa: E402
 from interop.hf_files import Weights, write_weights  # noqa: E402

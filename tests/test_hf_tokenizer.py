@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
+# nothing here reads the corpus (GPT-2's tests skip without tiktoken's cache either way): CI's first pass only
+pytestmark = pytest.mark.once
 
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
