@@ -29,8 +29,8 @@ from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_la
                         new_run_files, remove_run_files, run_lock, save_checkpoint, tidy_run_dir, use_writer,
                         write_config, written_by)
 from cli.config_loader import config_to_dict
-from encoder_decoder import model_flops_per_token
-from model import GPTConfig
+from encoder_decoder import CrossAttention, model_flops_per_token
+from model import Attention, GPTConfig
 from pairs import N_SPECIAL, is_pairs, special_tokens
 from prepare_data import UserError, check_token_ids, read_meta
 from memory import BuildMemoryLog, out_of_memory
@@ -60,6 +60,10 @@ class OptimConfig:
     lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at the train.max_iters the run started with
     # after warmup: cosine to min_lr, or Vaswani 2017's lr · √(warmup / step) (floored at min_lr), with no end
     schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
+    # AdamW for every parameter, or Muon (torch >= 2.9) for the blocks' matrices and AdamW (above) for the rest
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02  # Muon's peak lr (Keller Jordan's default), scaled by the schedule as lr is
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum: Keller Jordan's and torch's default
 
     def __post_init__(self) -> None:
         if not 0 < self.lr <= 1:  # also catches NaN; AdamW moves each weight by about lr per step
@@ -76,6 +80,13 @@ class OptimConfig:
         for name in ("warmup_iters", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.muon_lr <= 1:  # also catches NaN
+            raise ValueError(f"muon_lr must be in (0, 1], got {self.muon_lr}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.name == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"name = \"muon\" needs torch >= 2.9 (torch.optim.Muon), this is torch {torch.__version__}: "
+                             "upgrade torch, or use name = \"adamw\"")
         if self.schedule == "cosine" and 0 < self.lr_decay_iters < self.warmup_iters:  # the cosine would never run
             raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
                              "the cosine runs from the end of warmup to lr_decay_iters (0 = train.max_iters)")
@@ -203,15 +214,56 @@ def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
 
 
-def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embeddings) only: decaying biases and norm gains hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def configure_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices (linear weights, embeddings) only: decaying biases and norm gains hurts.
+    With optim.name = "muon", Muon takes the blocks' matrices (muon_params) and AdamW the rest, as one optimizer."""
+    muon = muon_params(model) if optim.name == "muon" else {}
+    in_muon = {id(p) for params in muon.values() for p in params}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in in_muon]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                             fused=device.type in ("cuda", "cpu"))  # fused: one kernel for all parameters
+    adamw = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                              fused=device.type in ("cuda", "cpu"))  # fused: one kernel for all parameters
+    if optim.name == "adamw":
+        return adamw
+    from torch.distributed.tensor import DTensor
+
+    from optimizers import BlockMuon, MuonWithAdamW  # here: it subclasses torch.optim.Muon, new in torch 2.9
+
+    if any(isinstance(p, DTensor) for params in muon.values() for p in params):
+        raise UserError('optim.name = "muon" does not run under run.distributed = "fsdp" (Muon orthogonalises each '
+                        'matrix whole, FSDP shards them): use run.distributed = "ddp", or optim.name = "adamw"')
+    # lr_scale: train_step sets each group's lr to the schedule's times this, so Muon follows the same warmup and
+    # decay from muon_lr. Its weight decay (torch's: w -= lr · wd · w) is scaled back by the same ratio, so every
+    # matrix shrinks by the same lr · weight_decay per step under either optimizer.
+    scale = optim.muon_lr / optim.lr
+    muon_groups = [{"params": params, "row_blocks": list(rows), "lr_scale": scale}
+                   for rows, params in muon.items() if params]
+    return MuonWithAdamW(adamw, BlockMuon(muon_groups, lr=optim.muon_lr, weight_decay=optim.weight_decay / scale,
+                                          momentum=optim.muon_momentum))
+
+
+def muon_params(model: torch.nn.Module) -> dict[tuple[int, ...], list[torch.nn.Parameter]]:
+    """The matrices Muon trains, by how their rows split into separately orthogonalised blocks (() = whole): every
+    2-D weight inside the blocks (an encoder-decoder's encoder too): attention, cross-attention, MLPs, experts.
+    Not the embeddings, the output layer (tied or not), norms, biases, nor the experts' router, an E x C classifier
+    that scores experts as the output layer scores tokens (and with E of 2-8 rows, hardly a hidden matrix)."""
+    cfg = model.config
+    nh, kvh, hs = cfg.n_head, cfg.kv_heads, cfg.head_size
+    fused = {}  # the fused projections: q, k, v (self-attention) and k, v (cross-attention) rows apart
+    for module in model.modules():
+        if isinstance(module, Attention):
+            fused[id(module.c_attn.weight)] = (nh * hs, kvh * hs, kvh * hs)
+        elif isinstance(module, CrossAttention):
+            fused[id(module.c_kv.weight)] = (kvh * hs, kvh * hs)
+    groups: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+    for stack in ("encoder", "blocks"):
+        for name, p in getattr(model, stack, torch.nn.ModuleList()).named_parameters():
+            if p.requires_grad and p.dim() == 2 and not name.endswith("mlp.router.weight"):
+                groups.setdefault(fused.get(id(p), ()), []).append(p)
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,7 +377,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     the gradient norm was not finite (every process decides alike: the gradients and the averaged loss are the
     same everywhere)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups: muon_lr / lr, the same schedule
     total = torch.zeros(2, device=rt.device)  # loss, nll
     first = rt.rank * micro_steps  # this process's share of the step's micro-batches
     for i in range(micro_steps):
@@ -501,6 +553,10 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     if checkpoint is None and (out_dir / "ckpt.pt").exists():
         raise UserError(f"{out_dir} already holds a run; continue it with `minigpt train --resume {out_dir}` "
                         "or choose another --set run.out_dir=...")
+    trained_with = (checkpoint["config"].get("optim") or {}).get("name", "adamw") if checkpoint is not None else None
+    if trained_with is not None and trained_with != cfg.optim.name:  # the moments of one are no state of the other
+        raise UserError(f'the run was trained with optim.name = "{trained_with}": resume it with the same optimizer '
+                        "(drop --set optim.name)")
     if checkpoint is not None and checkpoint["tokenizer"] != meta["tokenizer"]:
         raise UserError(f"the checkpoint's tokenizer differs from the one in {cfg.data.dir}/meta.json; "
                         "resume with the data the run was trained on (--set data.dir=...)")

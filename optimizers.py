@@ -1,0 +1,93 @@
+"""Muon for the hidden matrices, AdamW for the rest, as one optimizer (`optim.name = "muon"`).
+
+Muon (Jordan 2024; torch.optim.Muon) replaces each 2-D update by its nearest semi-orthogonal matrix (a few
+Newton-Schulz iterations on the momentum), so every direction of a matrix moves alike. It suits the hidden
+layers' matrices only: embeddings are lookups, not linear maps of a hidden state; the output layer and the
+experts' router turn a hidden state into scores of single tokens (experts); norms and biases are vectors. AdamW
+keeps those. Both live in one `MuonWithAdamW`, so the training loop, GradScaler and the checkpoint's
+`get_optimizer_state_dict` / `set_optimizer_state_dict` see a single optimizer, its state keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class BlockMuon(torch.optim.Muon):
+    """torch's Muon, where a group may name `row_blocks` (row counts summing to each of its matrices' rows): each
+    block of rows is orthogonalised (and its lr adjusted to its shape) as a matrix of its own.
+
+    The fused q/k/v projection ((nh + 2·kvh)·hs × C) is three linear maps stacked for speed, not one: orthogonalised
+    whole, the three would share one spectral budget (a large query gradient would shrink the keys' and values'
+    update) and GQA's differently sized blocks would mix, so we orthogonalise q, k and v apart, as modded-nanogpt
+    does. The momentum buffer stays one tensor per parameter (the checkpoint does not change); the blocks are views
+    of the weight, its gradient and that buffer, handed to torch's own step for the duration of one step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        whole = [(group, group["params"]) for group in self.param_groups if group.get("row_blocks")]
+        views = []
+        try:
+            for group, params in whole:
+                blocks = []
+                for p in params:
+                    if p.grad is None:
+                        continue
+                    buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    rows = group["row_blocks"]
+                    for w, g, b in zip(p.detach().split(rows), p.grad.split(rows), buffer.split(rows)):
+                        w.grad = g  # views: torch's step updates the weight and the buffer in place
+                        self.state[w] = {"momentum_buffer": b}
+                        blocks.append(w)
+                group["params"] = blocks
+                views += blocks
+            return super().step(closure)
+        finally:
+            for group, params in whole:
+                group["params"] = params
+            for w in views:
+                del self.state[w]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """An AdamW and a Muon as one optimizer: its param_groups are theirs (AdamW's first), its state is theirs (one
+    dict shared by both: the parameters are disjoint), step() steps both; state_dict() and load_state_dict() are
+    torch's own over the union, so a checkpoint holds both optimizers' state under the usual keys."""
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        self.optimizers = (adamw, muon)
+        groups = [group for optimizer in self.optimizers for group in optimizer.param_groups]
+        super().__init__(groups, {})  # hooks and the rest of torch's Optimizer machinery
+        self._share()
+
+    def _share(self) -> None:
+        """Point both optimizers at this one's groups (the same dicts: a new lr reaches them) and state."""
+        state = self.state = defaultdict(dict, self.state)  # after load_state_dict: the loaded one
+        start = 0
+        for optimizer in self.optimizers:
+            n = len(optimizer.param_groups)
+            optimizer.param_groups = self.param_groups[start:start + n]
+            optimizer.state = state
+            start += n
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # a group's lr_scale (train.py: muon_lr / lr) is the config's, not the checkpoint's: a resume may change
+        # optim.muon_lr as it may change optim.lr; the other hyperparameters come back from the checkpoint
+        scales = [group.get("lr_scale") for group in self.param_groups]
+        super().load_state_dict(state_dict)  # new group dicts and state: hand them to both optimizers again
+        for group, scale in zip(self.param_groups, scales):
+            if scale is not None:
+                group["lr_scale"] = scale
+        self._share()
