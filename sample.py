@@ -421,7 +421,7 @@ class CachedReader:
     The cache holds seq[start:start + cache.next_pos] at positions 0, 1, ...; `forward` reads the tokens after
     those (up to the sequence's end, plus any proposals), `truncate` forgets the positions of rejected ones."""
 
-    def __init__(self, model: GPT, rt: Runtime | None, max_back: int):
+    def __init__(self, model: GPT, rt: Runtime | None, max_back: int, tokens: int | None = None):
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.device = next(model.parameters()).device
@@ -433,6 +433,10 @@ class CachedReader:
         # rollback of max_back positions: 2 windows + max_back + 1 slots, and forwards of window + max_back + 2 at most
         max_len = cfg.block_size if self.learned else 2 * cfg.window + max_back + 1
         self.chunk = max_len if self.learned else max_len - cfg.window + 1
+        if not self.learned and tokens is not None and tokens < max_len:
+            # `tokens`: the most the sequence will hold, proposals included. Fewer slots than the ring needs never
+            # wrap (an imported model's window can be 131,072 positions: its ring would take gigabytes)
+            max_len = self.chunk = tokens
         self.cache = KVCache(cfg, 1, max_len=max_len, device=self.device, dtype=dtype)
         self.packed = packs_linears(self.device, dtype)  # the forwards of a few tokens, as decode_steps's
         self.start = 0
@@ -490,13 +494,15 @@ class SpeculativeDecoder:
 
     def __init__(self, target: GPT, draft: GPT, vocab_size: int, draft_tokens: int = 4, *, temperature: float = 0.8,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 target_rt: Runtime | None = None, draft_rt: Runtime | None = None):
+                 target_rt: Runtime | None = None, draft_rt: Runtime | None = None, tokens: int | None = None):
+        """`tokens`: the most a generation will hold (prompt and new tokens), to size the caches no larger."""
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
         self.vocab_size, self.draft_tokens = vocab_size, draft_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.target = CachedReader(target, target_rt, draft_tokens)
-        self.draft = CachedReader(draft, draft_rt, draft_tokens)
+        most = None if tokens is None else tokens + draft_tokens + 1  # a check reads k proposals past the end
+        self.target = CachedReader(target, target_rt, draft_tokens, most)
+        self.draft = CachedReader(draft, draft_rt, draft_tokens, most)
         self.device = self.target.device
         self.proposed = self.accepted = self.forwards = self.emitted = 0
         self.seq: list[int] = []
@@ -595,7 +601,7 @@ def sample_speculative(run: LoadedRun, draft: LoadedRun, prompt: str, num_sample
     generator = torch.Generator(device=run.rt.device).manual_seed(sc.seed)
     dec = SpeculativeDecoder(run.model, draft.model, run.tokenizer.vocab_size, draft_tokens,
                              temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, generator=generator,
-                             target_rt=run.rt, draft_rt=draft.rt)
+                             target_rt=run.rt, draft_rt=draft.rt, tokens=len(ids) + sc.max_new_tokens)
     texts = []
     for i in range(num_samples):
         if i:

@@ -176,3 +176,16 @@ def test_greedy_equals_plain_for_other_position_encodings(pos_encoding, attn_win
         dec = sample.SpeculativeDecoder(target, draft, vocab, 3, temperature=0)
         assert sample.generate_speculative(dec, prompt, sc.max_new_tokens) == plain
         assert 0 < dec.accepted < dec.proposed
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_long_context_gets_caches_the_size_of_the_generation(k):
+    """An imported model's window can be 131,072 positions: given the generation's length, both caches hold that
+    (and a check's proposals), never wrap, and greedy speculation still equals plain greedy decoding."""
+    target = random_gpt(1, vocab=50, block_size=4096, pos_encoding="rope")
+    draft = random_gpt(2, vocab=50, block_size=4096, pos_encoding="rope")
+    prompt, n = [3, 1, 4, 1, 5], 40
+    dec = sample.SpeculativeDecoder(target, draft, 50, k, temperature=0, tokens=len(prompt) + n)
+    assert dec.target.cache.max_len == dec.draft.cache.max_len == len(prompt) + n + k + 1
+    plain = sample.generate(target, torch.tensor([prompt]), 50, sample.SampleConfig(max_new_tokens=n, temperature=0))
+    assert sample.generate_speculative(dec, prompt, n) == plain
