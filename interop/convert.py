@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from interop.hf_files import MAX_SHARD_BYTES, Weights, model_folder, read_json, write_folder, write_weights
+from interop.hf_files import (MAX_SHARD_BYTES, Weights, model_folder, read_json, refuse_taken, write_folder,
+                              write_weights)
 from interop.hf_models import IGNORED_SUFFIXES, architecture, config_from_hf, export_class, hf_config, hf_weights, links
 from model import GPT, GPTConfig
 from prepare_data import Tokenizer, UserError, load_tokenizer
@@ -43,18 +44,26 @@ def read_pretrained(source: str, dtype: str = "auto") -> Pretrained:
         raise UserError(f"--dtype must be one of {', '.join(IMPORT_DTYPES)}, got {dtype!r}")
     from interop.hf_tokenizer import tokenizer_from_hf_folder
 
-    folder = model_folder(source)
-    hf = read_json(folder / "config.json", "the model config")
-    model_type = architecture(hf, str(folder))
-    cfg = config_from_hf(hf, str(folder))
+    folder, hf, cfg = hf_model_config(source)
     tokenizer = tokenizer_from_hf_folder(folder, hf)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary only "
                         f"{cfg.vocab_size}; the tokenizer belongs to another model")
-    with Weights(folder) as weights:
-        state = read_state(weights, model_type, cfg, IMPORT_DTYPES[dtype], str(folder))
+    state = read_weights(folder, hf, cfg, IMPORT_DTYPES[dtype])
     return Pretrained(cfg, state, tokenizer, {"source": str(source), "folder": str(folder),
-                                              "architecture": hf.get("architectures", [model_type])[0]})
+                                              "architecture": hf.get("architectures", [hf["model_type"]])[0]})
+
+
+def hf_model_config(source: str) -> tuple[Path, dict, GPTConfig]:
+    """SOURCE's folder (fetched if a hub id), its config.json, and the GPTConfig that computes it."""
+    folder = model_folder(source)
+    hf = read_json(folder / "config.json", "the model config")
+    return folder, hf, config_from_hf(hf, str(folder))
+
+
+def read_weights(folder: Path, hf: dict, cfg: GPTConfig, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    with Weights(folder) as weights:
+        return read_state(weights, architecture(hf, str(folder)), cfg, dtype, str(folder))
 
 
 def read_state(weights: Weights, model_type: str, cfg: GPTConfig, dtype: torch.dtype | None,
@@ -98,8 +107,7 @@ def import_model(source: str, out: Path, dtype: str = "auto", log=print) -> Path
     from cli.config_loader import config_to_dict, config_to_toml
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the (long) read: nothing is overwritten
-        raise UserError(f"{out} already exists and is not an empty folder; pass a new --out folder")
+    refuse_taken(out)  # before the (long) read; write_folder checks again as it writes
     pre = read_pretrained(source, dtype)
     cfg = trainer.Config(model=pre.config, data=trainer.DataConfig(dir=""), run=trainer.RunConfig(out_dir=str(out)))
     state = {"version": CHECKPOINT_VERSION, "model": pre.state, "optimizer": None, "scaler": None, "step": 0,
@@ -176,16 +184,18 @@ def pretrained_config(source: str) -> tuple[GPTConfig, dict]:
         return model_config(file, state), state["tokenizer"]
     from interop.hf_tokenizer import tokenizer_from_hf_folder
 
-    folder = model_folder(source)
-    hf = read_json(folder / "config.json", "the model config")
-    return config_from_hf(hf, str(folder)), tokenizer_from_hf_folder(folder, hf).spec
+    folder, hf, cfg = hf_model_config(source)
+    return cfg, tokenizer_from_hf_folder(folder, hf).spec
 
 
 def finetune_model_config(source: str, ours: GPTConfig) -> tuple[GPTConfig, list[str]]:
     """The model a run fine-tuning SOURCE trains: SOURCE's, but for the config's dropout and gradient checkpointing,
     and its block_size where that is smaller (learned positions are cropped to it, as nanoGPT's crop_block_size).
     Also notes naming the config's [model] keys that do not apply (set to neither the default nor SOURCE's value)."""
-    theirs = pretrained_config(source)[0]
+    try:
+        theirs = pretrained_config(source)[0]
+    except UserError as e:  # said where the path came from: a config key, not an argument
+        raise UserError(f"init.from: {e}") from None
     model = replace(theirs, dropout=ours.dropout, grad_checkpointing=ours.grad_checkpointing,
                     block_size=min(ours.block_size, theirs.block_size))
     default, notes = GPTConfig(), []
@@ -214,8 +224,9 @@ def pretrained_weights(source: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:
         from checkpoint import find_checkpoint, load_checkpoint
 
         state = dict(load_checkpoint(find_checkpoint(path))["model"])
-    else:
-        state = read_pretrained(source).state
+    else:  # the weights alone: the tokenizer was checked against the data already (check_finetune_data)
+        folder, hf, theirs = hf_model_config(source)
+        state = read_weights(folder, hf, theirs, None)
     if "wpe.weight" in state and state["wpe.weight"].size(0) > cfg.block_size:
         state["wpe.weight"] = state["wpe.weight"][:cfg.block_size]
     return state

@@ -196,12 +196,17 @@ def write_weights(out_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     return [*files, SAFETENSORS_INDEX]
 
 
-def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
-    """Write a new folder `out` through `fill(tmp)` on a temporary folder beside it, renamed into place when every
-    file is written: a failure leaves nothing behind. An existing non-empty `out` is refused."""
+def refuse_taken(out: Path) -> None:
+    """A new --out folder may not exist yet or be empty: nothing is ever overwritten."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty folder; pass a new --out folder (nothing is "
                         "overwritten)")
+
+
+def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
+    """Write a new folder `out` through `fill(tmp)` on a temporary folder beside it, renamed into place when every
+    file is written: a failure leaves nothing behind. An existing non-empty `out` is refused."""
+    refuse_taken(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
