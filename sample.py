@@ -184,7 +184,7 @@ def decode_one(model: GPT, token: torch.Tensor, positions: torch.Tensor, cache: 
 # weights laid out once, in oneDNN's own blocked format (what inductor's freezing makes): bitwise the same output.
 # float32 goes through MKL, which needs no such copy (and was no faster with one).
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight's identity, packed copy)
-_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its nn.Linear layers
+_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its nn.Linear layers, packed forwards
 
 
 def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:
@@ -213,14 +213,15 @@ def _packed_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def packed_linears(model: torch.nn.Module) -> Iterator[None]:
     """Within it, every nn.Linear of the model multiplies by its packed weight (see above); nothing changes after."""
     linears = _LINEARS.get(model)
-    if linears is None:
-        linears = _LINEARS[model] = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    for m in linears:
-        m.forward = functools.partial(_packed_linear, m)
+    if linears is None:  # once per model, not once per token
+        linears = _LINEARS[model] = [(m, functools.partial(_packed_linear, m)) for m in model.modules()
+                                     if type(m) is torch.nn.Linear]
+    for m, forward in linears:
+        m.forward = forward
     try:
         yield
     finally:
-        for m in linears:
+        for m, _ in linears:
             del m.forward
 
 
