@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from prepare_data import UserError
+from errors import UserError
 
 # A head is labelled with the first of these types whose score reaches its threshold (README: "minigpt attention").
 LABEL_RULES = (("induction", "induction", 0.3), ("previous_token", "previous-token", 0.5), ("sink", "sink", 0.5),

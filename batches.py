@@ -21,7 +21,8 @@ import torch
 
 from model import GPTConfig
 from pairs import SpecialTokens, open_pairs, special_tokens
-from prepare_data import UserError, open_split, token_id_error
+from errors import UserError
+from dataset_format import open_split, token_id_error
 
 Batch = tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]
 

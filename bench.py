@@ -35,7 +35,8 @@ from batches import BatchSource, batch_source, positions_per_example
 from encoder_decoder import build_model
 from model import GPT, GPTConfig
 from pairs import is_pairs
-from prepare_data import UserError, read_meta
+from dataset_format import read_meta
+from errors import UserError
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
 import sample
 from sample import LoadedRun, decode_cache, decode_steps
@@ -635,3 +636,122 @@ def format_comparison(result: dict) -> str:
                      f"and loading. minigpt's is decode tokens/s with the KV cache (bench sample, best of 3); without "
                      f"the cache it decoded {our['decode_tokens_per_s_no_cache']:,.1f} tokens/s.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# minigpt prepare against tiktoken's own batch encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def write_repeated_corpus(folder: Path, text_path: Path, total_bytes: int) -> int:
+    """A folder of copies of one text, a file (a document) each, up to `total_bytes`: a corpus of any size from
+    tiny-Shakespeare. Returns the number of files."""
+    data = Path(text_path).read_bytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    n = max(1, total_bytes // len(data))
+    for i in range(n):
+        path = folder / f"{i:06d}.txt"
+        if not path.exists():
+            path.write_bytes(data)
+    return n
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc (0 for what has exited)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def run_with_peak_rss(cmd: Sequence[str], cwd: Path | None = None, every_s: float = 0.05) -> tuple[float, int, str]:
+    """Run a command; its wall time, the peak of its RSS summed over its process tree (sampled), and its stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_bytes(proc.pid))
+        time.sleep(every_s)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if proc.returncode:
+        raise UserError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): {err.strip().splitlines()[-1:]}")
+    return seconds, peak, err
+
+
+def tiktoken_batch_baseline(files: Sequence[Path], threads: int, batch_bytes: int = 64 << 20) -> dict:
+    """tiktoken's GPT-2 encode_ordinary_batch on `threads` threads over the files (a document each), read in
+    batches of ~batch_bytes; tokens counted, not kept."""
+    from tokenization import gpt2_tokenizer
+
+    enc = gpt2_tokenizer().encoding
+    t0, tokens, nbytes, batch, size = time.perf_counter(), 0, 0, [], 0
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        batch.append(data.decode("utf-8"))
+        size += len(data)
+        if size >= batch_bytes or i == len(files) - 1:
+            tokens += sum(map(len, enc.encode_ordinary_batch(batch, num_threads=threads)))
+            nbytes, batch, size = nbytes + size, [], 0
+    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "bytes": nbytes}
+
+
+def bench_prepare(folder: Path, workers: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """`minigpt prepare FOLDER --tokenizer gpt2` (a folder of .txt documents) against tiktoken's
+    encode_ordinary_batch on all cores over the same documents, in the same run: MB/s of each and their ratio, the
+    token counts (ours: tiktoken's plus one eot per document), and prepare's peak RSS summed over its processes."""
+    import prepare_data
+
+    files = sorted(p for p in Path(folder).glob("*.txt") if p.is_file())
+    if not files:
+        raise UserError(f"{folder} holds no .txt files; make a corpus with `minigpt bench prepare {folder} --generate-mb N`")
+    cores = prepare_data.default_workers()
+    log(f"[prepare] warming the page cache over {len(files)} files")
+    for f in files:
+        f.read_bytes()
+    log(f"[prepare] tiktoken encode_ordinary_batch, {cores} threads")
+    theirs = tiktoken_batch_baseline(files, cores)
+    with tempfile.TemporaryDirectory(prefix="minigpt-bench-prepare-") as tmp:
+        cmd = [sys.executable, "-m", "cli", "prepare", str(Path(folder).resolve()), "--tokenizer", "gpt2",
+               "--out", str(Path(tmp) / "out")] + (["--workers", str(workers)] if workers else [])
+        log(f"[prepare] {shlex.join(cmd[2:])}")
+        seconds, peak, _ = run_with_peak_rss(cmd, REPO_ROOT)
+        meta = read_meta(Path(tmp) / "out")
+    nbytes = theirs["bytes"]
+    ours_tokens = meta["train_tokens"] + meta["val_tokens"]
+    return {
+        "corpus": {"folder": str(folder), "documents": len(files), "bytes": nbytes},
+        "machine": {"cpus": cores, "python": sys.version.split()[0]},
+        "minigpt": {"seconds": seconds, "mb_per_s": nbytes / 1e6 / seconds, "tokens": ours_tokens,
+                    "peak_rss_mb": peak / 1e6, "workers": workers or cores},
+        "tiktoken": {"seconds": theirs["seconds"], "mb_per_s": nbytes / 1e6 / theirs["seconds"],
+                     "tokens": theirs["tokens"], "threads": cores},
+        "ratio": theirs["seconds"] / seconds,
+        "tokens_match": ours_tokens == theirs["tokens"] + len(files),
+    }
+
+
+def format_prepare(result: dict) -> str:
+    m, t = result["minigpt"], result["tiktoken"]
+    return (f"corpus: {result['corpus']['documents']:,} documents, {result['corpus']['bytes'] / 1e6:,.0f} MB; "
+            f"{result['machine']['cpus']} cores\n"
+            f"minigpt prepare: {m['seconds']:7.1f} s  {m['mb_per_s']:6.1f} MB/s  {m['tokens']:,} tokens  "
+            f"peak RSS {m['peak_rss_mb']:,.0f} MB over all its processes ({m['workers']} workers)\n"
+            f"tiktoken batch:  {t['seconds']:7.1f} s  {t['mb_per_s']:6.1f} MB/s  {t['tokens']:,} tokens "
+            f"({t['threads']} threads)\n"
+            f"ratio: {result['ratio']:.2f}x tiktoken's throughput; tokens = tiktoken's + one eot per document: "
+            f"{result['tokens_match']}")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-from prepare_data import UserError, atomic_write
-
+from dataset_format import atomic_write
+from errors import UserError
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically (a temporary file, fsynced, renamed), so a crash never leaves a broken one;

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import UserError
+from errors import UserError
 
 PAIRS_PER_BATCH = 64  # pairs per teacher-forced forward pass,
 WINDOWS_PER_BATCH = 64  # and token-stream windows: at most this many,
@@ -145,7 +145,7 @@ def check_plan(run: Path, data: Path | None, split: str, beams: int | None, out:
     """The run's checkpoint and the dataset, checked against each other and against the options."""
     from checkpoint import find_checkpoint, load_checkpoint
     from pairs import PAIR_SPLITS, check_pairs_meta, is_pairs
-    from prepare_data import SPLITS, read_meta
+    from dataset_format import SPLITS, read_meta
 
     checkpoint = find_checkpoint(run, checkpoint)
     state = load_checkpoint(checkpoint)
@@ -365,7 +365,7 @@ def stream_windows(n_tokens: int, block_size: int, max_windows: int | None) -> l
 def evaluate_stream(run, plan: EvalPlan, max_examples: int | None, progress: bool = True) -> dict:
     """loss, perplexity and bits per byte of a token-stream split."""
     import train
-    from prepare_data import open_split
+    from dataset_format import open_split
 
     cfg = run.model.config
     data = open_split(plan.data_dir, plan.split, plan.meta)
@@ -440,7 +440,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
         metrics, rows = evaluate_stream(loaded, plan, max_examples, progress), []
     if out is not None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        from prepare_data import atomic_write
+        from dataset_format import atomic_write
 
         atomic_write(out, lambda f: f.write(text))
     result = {k: finite(v) if isinstance(v, float) else v for k, v in metrics.items()}
@@ -538,7 +538,7 @@ def evaluate_lengths(run, plan: EvalPlan, wanted: LengthOptions, progress: bool 
     first_target, stride, block_size, attn_window, pos_encoding}: the same tokens scored with each context length
     (see the section's comment). A length past a learned-position model's block_size has None for its numbers;
     per_position is [{first, last, tokens, loss}] over position_buckets (positions first..last of the window)."""
-    from prepare_data import open_split
+    from dataset_format import open_split
 
     cfg = run.model.config
     data = open_split(plan.data_dir, plan.split, plan.meta)

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 import inspection
 from inspection import DTYPE_BYTES
 from model import GPTConfig
-from prepare_data import UserError
+from errors import UserError
 from runtime import DTYPES, Runtime
 
 if TYPE_CHECKING:

@@ -25,8 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+import dataset_format
 import prepare_data
-from prepare_data import DATA_ROOT, DEFAULT_SEED, META_FILE, Log, UserError
+import sources
+import tokenization
+from dataset_format import META_FILE
+from errors import Log, UserError, log_to_stderr
+from prepare_data import DEFAULT_SEED
+from sources import DATA_ROOT
 
 # ---------------------------------------------------------------------------------------------
 # 1. Special ids
@@ -105,7 +111,7 @@ def _rerun(data_dir: Path) -> str:
 
 
 def check_pairs_meta(meta: dict, data_dir: str | Path) -> dict:
-    """The pairs fields of a meta.json that prepare_data._check_meta has passed; return it."""
+    """The pairs fields of a meta.json that dataset_format.check_meta has passed; return it."""
     data_dir = Path(data_dir)
     where = data_dir / META_FILE
     if not is_pairs(meta):
@@ -130,7 +136,7 @@ def check_pairs_meta(meta: dict, data_dir: str | Path) -> dict:
 
 def read_pairs_meta(data_dir: str | Path) -> dict:
     """meta.json of a pairs dataset, checked: what every reader of pairs starts from."""
-    meta = prepare_data.read_meta(data_dir)
+    meta = dataset_format.read_meta(data_dir)
     return check_pairs_meta(meta, data_dir)
 
 
@@ -159,7 +165,7 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
     source, source_sha256, val_fraction and tokenizer_kind; this adds format_version, kind, vocab_size,
     dtype, special_tokens, splits, train_tokens/val_tokens, length_stats, max_token_id (each split's largest id)
     and task (None unless given).
-    Files go through prepare_data.write_files: temp files first, meta.json last, a token-stream dataset's or
+    Files go through dataset_format.write_files: temp files first, meta.json last, a token-stream dataset's or
     an earlier pairs run's other files removed.
     """
     out_dir = Path(out_dir)
@@ -169,7 +175,7 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
     v = meta["tokenizer_vocab_size"]
     specials = special_tokens(v)
     vocab_size = v + N_SPECIAL
-    dtype_name = prepare_data.dtype_name_for_vocab(vocab_size)
+    dtype_name = dataset_format.dtype_name_for_vocab(vocab_size)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in (s for s in PAIR_SPLITS if s in splits):
         id_pairs = splits[split]
@@ -182,10 +188,10 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
                           count=int(lengths.sum()))
         if int(ids.min()) < 0 or int(ids.max()) >= v:
             raise ValueError(f"{split} ids must lie in [0, {v}) (tokenizer ids, no special ids), got [{int(ids.min())}, {int(ids.max())}]")
-        arrays[split] = ids.astype(prepare_data.DTYPES[dtype_name]), lengths.astype(IDX_DTYPE)
+        arrays[split] = ids.astype(dataset_format.DTYPES[dtype_name]), lengths.astype(IDX_DTYPE)
 
     full = {
-        "format_version": prepare_data.FORMAT_VERSION,
+        "format_version": dataset_format.FORMAT_VERSION,
         **{k: val for k, val in meta.items() if k != "tokenizer"},
         "kind": KIND,
         "task": meta.get("task"),
@@ -200,16 +206,16 @@ def write_pairs(out_dir: str | Path, splits: dict[str, Pairs], meta: dict) -> di
         "max_token_id": {s: int(ids.max()) for s, (ids, _) in arrays.items()},
         "tokenizer": meta["tokenizer"],  # last: for bpe it holds the whole ranks text
     }
-    prepare_data._check_meta(full, out_dir)
+    dataset_format.check_meta(full, out_dir)
     check_pairs_meta(full, out_dir)
 
     contents: dict[str, Callable] = {}
     for split, (ids, idx) in arrays.items():
         contents[f"{split}.bin"] = lambda f, a=ids: a.tofile(f)
         contents[f"{split}.idx"] = lambda f, a=idx: a.tofile(f)
-    contents.update(prepare_data.dataset_extras(full))
+    contents.update(dataset_format.dataset_extras(full))
     stale = [f"{s}.{ext}" for s in PAIR_SPLITS for ext in ("bin", "idx")]  # e.g. an earlier run's length split
-    prepare_data.write_files(out_dir, contents, stale)
+    dataset_format.write_files(out_dir, contents, stale)
     return full
 
 
@@ -256,7 +262,7 @@ def open_pairs(data_dir: str | Path, split: str, meta: dict | None = None) -> Pa
     if split not in meta["splits"]:
         raise UserError(f"{data_dir} has no {split!r} split; it holds: {', '.join(meta['splits'])}")
     counts = meta["splits"][split]
-    dtype = prepare_data.DTYPES[meta["dtype"]]
+    dtype = dataset_format.DTYPES[meta["dtype"]]
     bin_path, idx_path = data_dir / f"{split}.bin", data_dir / f"{split}.idx"
     try:
         idx_bytes, bin_bytes = idx_path.stat().st_size, bin_path.stat().st_size
@@ -289,16 +295,16 @@ def pair_id_error(path: Path, token: int, pair: int, tokenizer_vocab_size: int) 
 def check_pair_ids(data_dir: str | Path, split: str, meta: dict | None = None,
                    full_check_bytes: int | None = None) -> None:
     """Every stored id must be a tokenizer id (`PairSplit.check_ids`). What a run checks at its start, like
-    prepare_data.check_token_ids: the largest id prepare recorded (max_token_id) and, for a .bin of at most
-    `full_check_bytes` (prepare_data.FULL_ID_CHECK_BYTES), every id and the files' sizes. A larger split is not
+    dataset_format.check_token_ids: the largest id prepare recorded (max_token_id) and, for a .bin of at most
+    `full_check_bytes` (dataset_format.FULL_ID_CHECK_BYTES), every id and the files' sizes. A larger split is not
     read again here: PairBatches checks every id of the split it reads whole (batches.py)."""
     data_dir = Path(data_dir)
     meta = read_pairs_meta(data_dir) if meta is None else meta
     v = meta["tokenizer_vocab_size"]
-    prepare_data.check_recorded_max_id(data_dir, split, meta, v, f"the tokenizer has {v} tokens")
+    dataset_format.check_recorded_max_id(data_dir, split, meta, v, f"the tokenizer has {v} tokens")
     counts = meta["splits"].get(split, {})
-    limit = prepare_data.FULL_ID_CHECK_BYTES if full_check_bytes is None else full_check_bytes
-    if counts.get("tokens", 0) * prepare_data.DTYPES[meta["dtype"]].itemsize > limit:
+    limit = dataset_format.FULL_ID_CHECK_BYTES if full_check_bytes is None else full_check_bytes
+    if counts.get("tokens", 0) * dataset_format.DTYPES[meta["dtype"]].itemsize > limit:
         return
     open_pairs(data_dir, split, meta).check_ids(v)
 
@@ -313,7 +319,7 @@ JSONL_PAIR_EXAMPLE = '{"source": "...", "target": "..."}'
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"pairs file {path} does not exist; pass a .tsv (source<TAB>target a line) or .jsonl file")
-    text = prepare_data._decode_utf8(path.read_bytes(), path)
+    text = sources.decode_utf8(path.read_bytes(), path)
     text = text.removeprefix("\ufeff")  # a BOM (some editors write one) is not part of the first source
     if not text.strip():
         hint = "`source<TAB>target`" if path.suffix == ".tsv" else JSONL_PAIR_EXAMPLE
@@ -344,8 +350,8 @@ def read_pairs_file(path: str | Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            obj = prepare_data.parse_jsonl_line(line, path, n, JSONL_PAIR_EXAMPLE)
-            source, target = (prepare_data.jsonl_string(obj, k, path, n, JSONL_PAIR_EXAMPLE) for k in ("source", "target"))
+            obj = sources.parse_jsonl_line(line, path, n, JSONL_PAIR_EXAMPLE)
+            source, target = (sources.jsonl_string(obj, k, path, n, JSONL_PAIR_EXAMPLE) for k in ("source", "target"))
         else:
             tabs = line.count("\t")
             if tabs != 1:
@@ -358,7 +364,7 @@ def read_pairs_file(path: str | Path) -> list[tuple[str, str]]:
 
 def jsonl_kind(path: str | Path) -> str:
     """'pairs' or 'text': the keys of a .jsonl file's first non-blank line decide (source+target -> pairs,
-    text -> a document corpus for prepare_data). Reads only up to that line: a text corpus may be large."""
+    anything else -> a document corpus for prepare_data). Reads only up to that line: a text corpus may be large."""
     path = Path(path).expanduser()
     offset = 0
     with open(path, "rb") as f:
@@ -368,16 +374,12 @@ def jsonl_kind(path: str | Path) -> str:
             offset += len(raw)
         else:
             raise UserError(f"{path} is empty; write one JSON object a line: {JSONL_PAIR_EXAMPLE} (pairs) or "
-                            f"{prepare_data.JSONL_TEXT_EXAMPLE} (documents)")
-    line = prepare_data._decode_utf8(raw, path, offset, n).removeprefix("\ufeff")
-    example = f"{JSONL_PAIR_EXAMPLE} (pairs) or {prepare_data.JSONL_TEXT_EXAMPLE} (documents)"
-    obj = prepare_data.parse_jsonl_line(line, path, n, example)
-    if "source" in obj and "target" in obj:
-        return "pairs"
-    if "text" in obj:
-        return "text"
-    keys = ", ".join(map(json.dumps, obj)) or "none"
-    raise UserError(f"{path} line {n} has keys {keys}; a .jsonl source needs {example} on every line")
+                            f"{sources.JSONL_TEXT_EXAMPLE} (documents)")
+    line = sources.decode_utf8(raw, path, offset, n).removeprefix("\ufeff")
+    example = f"{JSONL_PAIR_EXAMPLE} (pairs) or {sources.JSONL_TEXT_EXAMPLE} (documents)"
+    obj = sources.parse_jsonl_line(line, path, n, example)
+    # anything else is a corpus of documents, whose reader names a line without its text field (--text-key)
+    return "pairs" if "source" in obj and "target" in obj else "text"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,21 +422,21 @@ def split_pairs(text_pairs: list[tuple[str, str]], val_fraction: float, seed: in
 
 def _build_tokenizer(kind: str, bpe_vocab_size: int | None, splits: dict[str, list[tuple[str, str]]], log: Log):
     if kind == "char":  # from every split's text, so no split holds a character the vocabulary lacks
-        return prepare_data.CharTokenizer.from_text("".join(s + t for text_pairs in splits.values() for s, t in text_pairs))
+        return tokenization.CharTokenizer.from_text("".join(s + t for text_pairs in splits.values() for s, t in text_pairs))
     if kind == "gpt2":
-        return prepare_data.gpt2_tokenizer()
+        return tokenization.gpt2_tokenizer()
     texts = [x for pair in splits["train"] for x in pair]
     log(f"training a {bpe_vocab_size}-token BPE on the {len(splits['train']):,} train pairs with rustbpe")
-    return prepare_data.train_bpe(texts, bpe_vocab_size, log)
+    return tokenization.train_bpe(texts, bpe_vocab_size, log)
 
 
 def encode_many(tok, texts: list[str]) -> list[np.ndarray]:
     """Each text's ids. char: one encode of the joined texts, cut by their lengths (one id per character);
     tiktoken: a batch call on all cores."""
-    if isinstance(tok, prepare_data.CharTokenizer):
+    if isinstance(tok, tokenization.CharTokenizer):
         ids = tok.encode_array("".join(texts))
         return np.split(ids, np.cumsum([len(t) for t in texts])[:-1]) if texts else []
-    if isinstance(tok, prepare_data.TiktokenTokenizer):
+    if isinstance(tok, tokenization.TiktokenTokenizer):
         return [np.asarray(x, dtype=np.int64) for x in tok.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)]
     return [np.asarray(tok.encode(t), dtype=np.int64) for t in texts]
 
@@ -473,7 +475,7 @@ def prepare_pairs(
     data/task_<name>_<tokenizer> or data/<file stem>_<tokenizer>. The same request on an existing output is
     reused; a different one is refused unless force.
     """
-    log = log or prepare_data._stderr
+    log = log or log_to_stderr
     t0 = time.perf_counter()
     kind, bpe_vocab_size = prepare_data._check_request(tokenizer, vocab_size, val_fraction)
     seed = _check_seed(seed)
@@ -505,7 +507,7 @@ def prepare_pairs(
         default_out = f"{stem}_{kind}"
         data = path.read_bytes()
         info = {"source": str(path.resolve()), "source_path": str(path.resolve()),
-                "source_sha256": prepare_data._sha256(data), "source_bytes": len(data),
+                "source_sha256": sources._sha256(data), "source_bytes": len(data),
                 "val_fraction": float(val_fraction), "task": None}
         request_keys = ("source_sha256", "task", "val_fraction", "seed")
         train_sources = {s for s, _ in splits["train"]}
@@ -515,7 +517,7 @@ def prepare_pairs(
     out_dir = Path(out).expanduser() if out is not None else Path(data_root) / default_out
 
     meta_fields = {**info, "seed": seed, "tokenizer_kind": kind}
-    request = {"format_version": prepare_data.FORMAT_VERSION, "kind": KIND, "tokenizer_kind": kind,
+    request = {"format_version": dataset_format.FORMAT_VERSION, "kind": KIND, "tokenizer_kind": kind,
                "bpe_vocab_size": bpe_vocab_size, **{k: meta_fields[k] for k in request_keys}}
     if prepare_data._reusable(out_dir, request, force, log, _open_all_splits):
         log(f"reusing {out_dir} (already prepared from the same source, request and tokenizer)")

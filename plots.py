@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare_data import UserError, atomic_write
+from dataset_format import atomic_write
+from errors import UserError
 
 X_AXES = ("step", "tokens", "time")  # what --x takes: optimizer steps, tokens trained on, training wall time
 FORMATS = {".png": "png", ".svg": "svg"}  # --out's suffix picks the format

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
-from prepare_data import UserError
+from errors import UserError
 
 if TYPE_CHECKING:  # for the annotations only: train.py imports this module, not the other way round
     from train import Config, RunConfig

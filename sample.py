@@ -23,7 +23,8 @@ from cli.config_loader import ConfigError, build_config
 from encoder_decoder import EncoderDecoder, build_model
 from model import GPT, GPTConfig, KVCache
 from pairs import SpecialTokens
-from prepare_data import TextStream, Tokenizer, UserError, load_tokenizer
+from tokenization import TextStream, Tokenizer, load_tokenizer
+from errors import UserError
 from runtime import Runtime, cpu_has_bf16, resolve_device, setup_runtime
 from train import RunConfig
 

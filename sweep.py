@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from plots import flatten, value_text as text
-from prepare_data import UserError, atomic_write
+from errors import UserError
+from dataset_format import atomic_write
 
 SWEEP_KEYS = ("vary", "seeds", "lengths", "rope_scalings", "rope_factor", "max_tokens")  # a [sweep] table's keys
 SET_BY_THE_SWEEP = {  # config keys --vary may not take, and why
@@ -187,7 +188,7 @@ def plan_sweep(config: Path, overrides: list[str], vary: list[str], out: Path, s
     import evaluation
     import train as trainer
     from cli.config_loader import ConfigError, build_config
-    from prepare_data import read_meta
+    from dataset_format import read_meta
 
     config = Path(config)
     if config.is_dir() or config.suffix == ".pt":

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import prepare_data
-from prepare_data import DATA_ROOT, Log, UserError
+import sources
+from errors import Log, UserError
+from sources import DATA_ROOT
 
 DEFAULT_EXAMPLES = 10_000  # train pairs of a generated task: enough for a small model to learn copy or add
 MIN_EVAL_PAIRS = 200  # val and length pairs of a generated task: max(this, examples // 10), so accuracy on a
@@ -237,8 +238,8 @@ def generate(name: str, examples: int | None, seed: int, log: Log, input_path=No
             raise UserError(f"--input only applies to 'shakespeare' and task:speaker / task:modernize; task:{name} "
                             "is generated: drop --input")
         return generate_task(name, DEFAULT_EXAMPLES if examples is None else examples, seed)
-    src = prepare_data._shakespeare(input_path, Path(data_root), log)
-    pairs = speaker_pairs(src.text) if name == "speaker" else modernize_pairs(src.text)
+    text = sources.shakespeare_file(input_path, Path(data_root), log).read_text(encoding="utf-8")
+    pairs = speaker_pairs(text) if name == "speaker" else modernize_pairs(text)
     return split_corpus_pairs(pairs, name, examples, seed, log)
 
 

@@ -32,7 +32,8 @@ from cli.config_loader import config_to_dict
 from encoder_decoder import CrossAttention, model_flops_per_token
 from model import Attention, GPTConfig
 from pairs import N_SPECIAL, is_pairs, special_tokens
-from prepare_data import UserError, check_token_ids, read_meta
+from dataset_format import check_token_ids, read_meta
+from errors import UserError
 from memory import BuildMemoryLog, out_of_memory
 from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
 from sharding import build_for_training, load_state, load_weights, shards_model

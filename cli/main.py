@@ -37,7 +37,7 @@ class OneLineErrors(typer.core.TyperGroup):
             print("aborted", file=sys.stderr)
             sys.exit(1)
         except Exception as e:
-            from prepare_data import UserError  # here, not at the top: `--help` imports nothing heavy
+            from errors import UserError  # here, not at the top: `--help` imports nothing heavy
 
             if not isinstance(e, UserError):
                 raise
@@ -96,10 +96,11 @@ def config_from(path: Path, overrides: list[str], *, read_only: bool = False):
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., help="text: 'shakespeare', a .txt file, a folder of .txt files, or a .jsonl of "
-                                 "{\"text\": ...} lines; source/target pairs: 'task:NAME' (copy, reverse, sort, add, "
-                                 "speaker, modernize), a .tsv of source<TAB>target lines, or a .jsonl of "
-                                 "{\"source\": ..., \"target\": ...} lines"),
+    source: str = typer.Argument(..., help="text: 'shakespeare', a .txt file (one document), a folder of .txt files "
+                                 "(a document each), a .jsonl of {\"text\": ...} lines, a .parquet file or a folder of "
+                                 "them, or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed); source/target pairs: "
+                                 "'task:NAME' (copy, reverse, sort, add, speaker, modernize), a .tsv of "
+                                 "source<TAB>target lines, or a .jsonl of {\"source\": ..., \"target\": ...} lines"),
     tokenizer: str = typer.Option("char", help="char | gpt2 | bpe (a byte-level BPE trained on the corpus) | a path: "
                                   "a minigpt run folder or .pt checkpoint, or a Hugging Face model folder, whose "
                                   "tokenizer is used as it is"),
@@ -108,19 +109,29 @@ def prepare(
                                        "data/task_<name>_<tokenizer> for task:NAME)"),
     input: Optional[Path] = typer.Option(None, "--input", help="a local copy of the tiny-Shakespeare corpus, for "
                                          "'shakespeare', task:speaker and task:modernize"),
-    val_fraction: float = typer.Option(0.1, help="share kept for validation: the end of a text; a random share of a "
+    val_fraction: float = typer.Option(0.1, help="share kept for validation: the end of a one-document text; whole "
+                                       "documents, drawn with --seed, of a corpus of documents; a random share of a "
                                        "pairs file's pairs (task:NAME sets its own)"),
+    workers: Optional[int] = typer.Option(None, help="processes that read and tokenize (default: one per core)"),
+    text_key: Optional[str] = typer.Option(None, help="the field (.jsonl) or column (.parquet, hf:) holding the "
+                                           "text [default: text]"),
+    max_docs: Optional[int] = typer.Option(None, help="take only the first N documents of a corpus"),
+    bpe_sample_bytes: Optional[int] = typer.Option(None, help="--tokenizer bpe learns its merges from the first "
+                                                   "this many bytes of the train text [default: 100 MB]"),
     examples: Optional[int] = typer.Option(None, help="task:NAME only: train pairs (default: 10000 for generated "
                                            "tasks, all for speaker and modernize)"),
-    seed: int = typer.Option(1337, help="pairs only: shuffles a pairs file's pairs before the split, seeds task:NAME"),
+    seed: int = typer.Option(1337, help="draws a corpus's val documents; shuffles a pairs file's pairs before the "
+                             "split; seeds task:NAME"),
     force: bool = typer.Option(False, "--force", help="overwrite an output folder prepared differently"),
 ):
     """Tokenize a corpus into data/<name>/ (train.bin, val.bin, meta.json), or source/target pairs (per split
-    .bin and .idx) for sequence-to-sequence training."""
+    .bin and .idx) for sequence-to-sequence training. Any size, in bounded memory, on all cores; Ctrl-C leaves
+    no half-written dataset."""
     import prepare_data
 
     prepare_data.prepare(source, tokenizer=tokenizer, vocab_size=vocab_size, out=out, input_path=input,
-                         val_fraction=val_fraction, force=force, examples=examples, seed=seed)
+                         val_fraction=val_fraction, force=force, examples=examples, seed=seed, workers=workers,
+                         text_key=text_key, max_docs=max_docs, bpe_sample_bytes=bpe_sample_bytes)
 
 
 @app.command()
@@ -134,7 +145,7 @@ def train(
     from dataclasses import replace
 
     from cli.config_loader import config_to_toml
-    from prepare_data import UserError
+    from errors import UserError
 
     import train as trainer
     from runtime import end_torchrun_worker
@@ -201,7 +212,7 @@ def sample(
 ):
     """Generate text from a trained run, streaming it to the terminal; on a run trained on pairs, the target for
     the source given as --prompt, one line per sample."""
-    from prepare_data import UserError
+    from errors import UserError
 
     import sample as sampler
 
@@ -393,7 +404,7 @@ def inspect(
     cross-attention cache) and activation memory."""
     import json
 
-    from prepare_data import UserError
+    from errors import UserError
 
     import inspection
     import train as trainer
@@ -480,7 +491,7 @@ def bench_train(
 ):
     """ms/step, tokens/s, TFLOP/s, MFU and peak memory of the configured training step; on a pairs dataset also ms
     and FLOPs per target token, and an encoder-decoder beside the decoder-only model of its width and depth."""
-    from prepare_data import UserError
+    from errors import UserError
 
     import bench
 
@@ -488,6 +499,31 @@ def bench_train(
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     cfg, _ = config_from(config, set_, read_only=True)
     echo_result(f"bench train {config}", bench.bench_train(cfg, steps, warmup), as_json)
+
+
+@bench_app.command("prepare")
+def bench_prepare(
+    folder: Path = typer.Argument(..., help="a folder of .txt documents"),
+    generate_mb: Optional[int] = typer.Option(None, help="first fill FOLDER with copies of tiny-Shakespeare (a "
+                                              "file each) up to this many MB"),
+    input: Optional[Path] = typer.Option(None, "--input", help="the text --generate-mb copies (default: the "
+                                         "tiny-Shakespeare corpus, downloaded once)"),
+    workers: Optional[int] = typer.Option(None, help="prepare's --workers (default: one per core)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """`minigpt prepare FOLDER --tokenizer gpt2` against tiktoken's own encode_ordinary_batch on all cores over the
+    same documents, in one run: MB/s, the ratio, token counts and prepare's peak memory over all its processes."""
+    import json
+
+    import bench
+    import sources
+
+    if generate_mb is not None:
+        text = sources.shakespeare_file(input, sources.DATA_ROOT, lambda s: typer.echo(s, err=True))
+        n = bench.write_repeated_corpus(folder, text, generate_mb * 10**6)
+        typer.echo(f"{folder}: {n} documents", err=True)
+    result = bench.bench_prepare(folder, workers, log=lambda s: typer.echo(s, err=True))
+    typer.echo(json.dumps(result, indent=2) if as_json else bench.format_prepare(result))
 
 
 @bench_app.command("sample")
@@ -513,7 +549,7 @@ def bench_sample(
     the speed-up and the draft's acceptance rate."""
     import torch
 
-    from prepare_data import UserError
+    from errors import UserError
 
     import bench
     import sample as sampler
@@ -584,7 +620,7 @@ def bench_nanogpt(
     """Training and sampling speed side by side with nanoGPT, on this machine, in one run."""
     import json
 
-    from prepare_data import UserError
+    from errors import UserError
 
     import bench
     import train as trainer

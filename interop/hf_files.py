@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from prepare_data import UserError
+from errors import UserError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

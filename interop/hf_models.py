@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from model import GPTConfig, sinusoidal_encoding
-from prepare_data import UserError
+from errors import UserError
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}  # model_type -> the class minigpt imports and exports

@@ -21,7 +21,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from prepare_data import CharTokenizer, TiktokenTokenizer, Tokenizer, UserError, atomic_write, gpt2_tokenizer
+from tokenization import CharTokenizer, TiktokenTokenizer, Tokenizer, gpt2_tokenizer
+from errors import UserError
+from dataset_format import atomic_write
 
 HF_EXTRA_HINT = "install the Hugging Face extra: pip install -e '.[hf]'"
 

@@ -171,7 +171,7 @@ def pairs_run(**model):
     'abcde', the special tokens after it."""
     import sample
     from pairs import special_tokens
-    from prepare_data import CharTokenizer
+    from tokenization import CharTokenizer
 
     tok = CharTokenizer("abcde")
     special = special_tokens(tok.vocab_size)

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, tiny_config
 from batches import positions_per_example
 from encoder_decoder import build_model, model_flops_per_token
 from model import GPT, GPTConfig
-from prepare_data import read_meta
+from dataset_format import read_meta
 
 DEBUG = str(REPO_ROOT / "config" / "debug.toml")
 

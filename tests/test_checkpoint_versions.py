@@ -20,7 +20,7 @@ import checkpoint
 import train
 from cli.main import app, config_from
 from conftest import REPO_ROOT, tiny_config
-from prepare_data import UserError
+from errors import UserError
 
 OURS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 

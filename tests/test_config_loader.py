@@ -22,7 +22,7 @@ from cli.config_loader import (
     load_config,
     suggest,
 )
-from prepare_data import UserError
+from errors import UserError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 

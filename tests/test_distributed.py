@@ -310,7 +310,7 @@ def test_evaluation_with_eval_iters_not_divisible_by_processes(strategy, char_da
     from checkpoint import load_checkpoint
     from cli.config_loader import build_config
     from model import GPT
-    from prepare_data import read_meta
+    from dataset_format import read_meta
     from runtime import Runtime
 
     # 3 batches per split: rank 0 evaluates 2 of them, rank 1 one. One step, then an evaluation.

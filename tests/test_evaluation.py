@@ -163,7 +163,7 @@ def test_token_accuracy_and_loss_equal_the_models_logits(short_runs, copy_data, 
 
 
 def test_stream_loss_perplexity_and_bits_per_byte(stream_run, char_data, monkeypatch):
-    import prepare_data
+    import dataset_format
     import sample
 
     n = 20
@@ -171,7 +171,7 @@ def test_stream_loss_perplexity_and_bits_per_byte(stream_run, char_data, monkeyp
     result = evaluation.evaluate_run(stream_run, split="val", max_examples=n, device="cpu", progress=False)
     run = sample.load_for_inference(stream_run, device="cpu")
     T = run.model.config.block_size
-    data = prepare_data.open_split(char_data, "val")
+    data = dataset_format.open_split(char_data, "val")
     windows = torch.from_numpy(np.asarray(data[:n * (T + 1)], dtype=np.int64)).view(n, T + 1)
     with torch.no_grad():
         logits, loss = run.model(windows[:, :-1], windows[:, 1:])
@@ -191,9 +191,9 @@ def test_stream_windows_cover_the_split():
 
 
 def test_the_whole_stream_split(stream_run, char_data):
-    import prepare_data
+    import dataset_format
 
-    meta = prepare_data.read_meta(char_data)
+    meta = dataset_format.read_meta(char_data)
     result = evaluation.evaluate_run(stream_run, device="cpu", progress=False)
     T = tiny_config(char_data, "x").model.block_size
     full, rest = divmod(meta["val_tokens"], T + 1)

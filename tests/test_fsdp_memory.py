@@ -23,7 +23,7 @@ import train
 from encoder_decoder import build_model
 from memory import training_memory
 from model import GPTConfig
-from prepare_data import UserError
+from errors import UserError
 from runtime import Runtime
 from sharding import SeededInit, build_on_meta, parameters_on_meta
 from test_distributed import env, free_port, kill_group, launch

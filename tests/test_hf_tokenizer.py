@@ -4,6 +4,7 @@ with the `tokenizers` library (no downloads); every test takes seconds."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +17,15 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 
 import checkpoint  # noqa: E402
+import dataset_format as fmt  # noqa: E402
 import prepare_data as pd  # noqa: E402
+import sources  # noqa: E402
+import tokenization as tk  # noqa: E402
 import sample  # noqa: E402
 from interop import hf_tokenizer as hft  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from prepare_data import TextStream, UserError  # noqa: E402
+from errors import UserError  # noqa: E402
+from tokenization import TextStream  # noqa: E402
 
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",
@@ -223,14 +228,14 @@ def test_folder_without_a_tokenizer_is_refused_in_one_line(tmp_path, config):
 
 def test_hf_spec_round_trips_through_meta_json(hf_folder):
     tok = load_folder(hf_folder)
-    again = pd.load_tokenizer(json.loads(json.dumps(tok.spec)))
+    again = tk.load_tokenizer(json.loads(json.dumps(tok.spec)))
     assert again.spec == tok.spec and (again.vocab_size, again.eot_token) == (tok.vocab_size, tok.eot_token)
     for text in PROBES:
         assert again.encode_prompt(text) == tok.encode_prompt(text) and again.encode(text) == tok.encode(text)
     with pytest.raises(UserError, match="'json'"):
-        pd.load_tokenizer({"kind": "hf"})
+        tk.load_tokenizer({"kind": "hf"})
     with pytest.raises(UserError, match="no valid tokenizer.json"):
-        pd.load_tokenizer({"kind": "hf", "json": "{}"})
+        tk.load_tokenizer({"kind": "hf", "json": "{}"})
 
 
 # ----------------------------------------------------------------------------- export
@@ -238,19 +243,19 @@ def test_hf_spec_round_trips_through_meta_json(hf_folder):
 
 @pytest.fixture(scope="module")
 def char_tok():
-    return pd.CharTokenizer.from_text("".join(CORPUS + PROBES))
+    return tk.CharTokenizer.from_text("".join(CORPUS + PROBES))
 
 
 @pytest.fixture(scope="module")
 def bpe_tok():
-    return pd.train_bpe(CORPUS, 400, log=lambda s: None)
+    return tk.train_bpe(CORPUS, 400, log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
 def gpt2_tok(has_gpt2_cache):
     if not has_gpt2_cache:
         pytest.skip("no offline tiktoken cache for GPT-2 (set TIKTOKEN_CACHE_DIR)")
-    return pd.gpt2_tokenizer()
+    return tk.gpt2_tokenizer()
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2", "hf_byte_level", "hf_llama"])
@@ -350,17 +355,23 @@ def test_empty_prompt_without_bos_starts_from_eos(byte_level_folder):
 TRAIN_TEXT = "\n".join(CORPUS * 10)
 
 
+def text_split(path: Path) -> tuple[str, str]:
+    """A one-document corpus's train and val text, as prepare splits it."""
+    data, at = path.read_bytes(), sources.split_text(path, 0.1)
+    return data[:at].decode("utf-8"), data[at:].decode("utf-8")
+
+
 def test_prepare_with_a_hf_folder_tokenizer(hf_folder, tmp_path):
     src = tmp_path / "corpus.txt"
     src.write_text(TRAIN_TEXT)
     out = pd.prepare(str(src), tokenizer=str(hf_folder), out=tmp_path / "data", log=lambda s: None)
-    meta = pd.read_meta(out)
+    meta = fmt.read_meta(out)
     tok = load_folder(hf_folder)
     assert meta["tokenizer_kind"] == "hf" and meta["tokenizer"] == tok.spec and meta["eot_token"] == tok.eot_token
-    assert meta["tokenizer_sha256"] == pd.tokenizer_sha256(tok.spec) and meta["tokenizer_from"] == str(hf_folder.resolve())
-    train_text, _ = pd.split_train_val(TRAIN_TEXT, 0.1)
-    assert pd.open_split(out, "train").tolist() == tok.encode(train_text)
-    assert pd.load_tokenizer(meta["tokenizer"]).encode("Hello") == tok.encode("Hello")
+    assert meta["tokenizer_sha256"] == tk.tokenizer_sha256(tok.spec) and meta["tokenizer_from"] == str(hf_folder.resolve())
+    train_text, _ = text_split(src)
+    assert fmt.open_split(out, "train").tolist() == tok.encode(train_text)
+    assert tk.load_tokenizer(meta["tokenizer"]).encode("Hello") == tok.encode("Hello")
     logs = []
     assert pd.prepare(str(src), tokenizer=str(hf_folder), out=out, log=logs.append) == out
     assert any("reusing" in line for line in logs)
@@ -373,7 +384,7 @@ def test_prepare_refuses_another_tokenizer_in_the_same_folder(byte_level_folder,
     with pytest.raises(UserError, match="different source or tokenizer.*tokenizer_sha256.*--force"):
         pd.prepare(str(src), tokenizer=str(llama_folder), out=out, log=lambda s: None)
     pd.prepare(str(src), tokenizer=str(llama_folder), out=out, force=True, log=lambda s: None)
-    assert pd.read_meta(out)["tokenizer"] == load_folder(llama_folder).spec
+    assert fmt.read_meta(out)["tokenizer"] == load_folder(llama_folder).spec
     with pytest.raises(UserError, match="--vocab-size applies only to --tokenizer bpe"):
         pd.prepare(str(src), tokenizer=str(llama_folder), vocab_size=500, out=out, log=lambda s: None)
 
@@ -388,9 +399,9 @@ def test_prepare_with_a_run_folder_tokenizer(bpe_tok, tmp_path):
     src.write_text(TRAIN_TEXT)
     for given in (run, run / "ckpt.pt"):
         out = pd.prepare(str(src), tokenizer=str(given), out=tmp_path / f"data_{given.name}", log=lambda s: None)
-        meta = pd.read_meta(out)
+        meta = fmt.read_meta(out)
         assert meta["tokenizer"] == bpe_tok.spec and meta["tokenizer_kind"] == "bpe" and "bpe_vocab_size" not in meta
-        assert pd.open_split(out, "val").tolist() == bpe_tok.encode(pd.split_train_val(TRAIN_TEXT, 0.1)[1])
+        assert fmt.open_split(out, "val").tolist() == bpe_tok.encode(text_split(src)[1])
 
 
 @pytest.mark.parametrize("given, message", [

@@ -288,12 +288,12 @@ def test_cli_prints_the_table_and_json(tmp_path):
 
 
 def test_cli_takes_the_vocabulary_from_prepared_data_and_reads_a_run_dir(tmp_path):
-    import prepare_data
+    import dataset_format
 
     data = tmp_path / "data"
     data.mkdir()
-    meta = {"format_version": prepare_data.FORMAT_VERSION, "tokenizer": {"kind": "char"}, "vocab_size": 65,
-            "dtype": prepare_data.dtype_name_for_vocab(65), "train_tokens": 10, "val_tokens": 1, "source": "x",
+    meta = {"format_version": dataset_format.FORMAT_VERSION, "tokenizer": {"kind": "char"}, "vocab_size": 65,
+            "dtype": dataset_format.dtype_name_for_vocab(65), "train_tokens": 10, "val_tokens": 1, "source": "x",
             "source_sha256": "0", "val_fraction": 0.1, "tokenizer_kind": "char"}
     (data / "meta.json").write_text(json.dumps(meta))
     result = invoke(DEBUG, "--set", f"data.dir={data}", "--json")

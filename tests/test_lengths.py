@@ -57,9 +57,9 @@ def loaded(run):
 
 
 def val_ids(char_data) -> np.ndarray:
-    import prepare_data
+    import dataset_format
 
-    return np.asarray(prepare_data.open_split(char_data, "val"), dtype=np.int64)
+    return np.asarray(dataset_format.open_split(char_data, "val"), dtype=np.int64)
 
 
 def cli(*args):
@@ -129,14 +129,14 @@ def test_position_buckets_double_and_cut_at_block_size_and_each_length():
 def test_a_window_of_block_size_reproduces_the_plain_eval(rope_run, char_data, tmp_path):
     """--lengths 16 over n targets == plain `eval` of a split made of exactly those windows (block_size + 1 tokens
     each, the last shorter), which scores the same targets with the same contexts."""
-    import prepare_data
+    import dataset_format
 
     n = 10 * T + 5
     got = evaluation.evaluate_run(rope_run, lengths=[T], max_tokens=n, device="cpu", progress=False)["lengths"][0]
     data, first = val_ids(char_data), T
     windows = [data[s - 1:min(s + T, first + n)] for s in range(first, first + n, T)]
-    meta = prepare_data.read_meta(char_data)
-    prepare_data.write_dataset(tmp_path / "windows", data[:100], np.concatenate(windows), meta)
+    meta = dataset_format.read_meta(char_data)
+    dataset_format.write_dataset(tmp_path / "windows", data[:100], np.concatenate(windows), meta)
     plain = evaluation.evaluate_run(rope_run, data=tmp_path / "windows", device="cpu", progress=False)
     assert plain["tokens"] == got["tokens"] == n
     assert got["loss"] == pytest.approx(plain["loss"], rel=1e-6)

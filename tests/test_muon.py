@@ -139,7 +139,7 @@ def test_resume_is_exact_with_muon(char_data, tmp_path):
 
 @pytest.mark.parametrize("first,then", [("adamw", "muon"), ("muon", "adamw")])
 def test_resuming_with_the_other_optimizer_is_one_line(char_data, tmp_path, first, then):
-    from prepare_data import UserError
+    from errors import UserError
 
     def cfg(name, max_iters):
         return tiny_config(char_data, tmp_path / "run", train=dict(max_iters=max_iters, eval_interval=2),

@@ -12,10 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 import pairs
+import dataset_format as fmt
 import prepare_data as pd
+import sources
+import tokenization as tk
 from cli.main import app
 from conftest import REPO_ROOT
-from prepare_data import UserError
+from errors import UserError
 
 
 def quiet(_msg: str) -> None:
@@ -59,7 +62,7 @@ def test_write_open_round_trip(tmp_path, v, dtype, itemsize):
     data["train"][0] = ([v - 1], [0])
     meta = pairs.write_pairs(tmp_path, data, _meta(v, task="copy"))
 
-    assert pd.read_meta(tmp_path) == meta == pairs.read_pairs_meta(tmp_path)  # read_meta still reads it
+    assert fmt.read_meta(tmp_path) == meta == pairs.read_pairs_meta(tmp_path)  # read_meta still reads it
     assert pairs.is_pairs(meta) and not pairs.is_pairs({"vocab_size": 3})
     assert meta["kind"] == "pairs" and meta["task"] == "copy" and meta["dtype"] == dtype
     assert meta["vocab_size"] == v + 68 and meta["tokenizer_vocab_size"] == v
@@ -134,7 +137,7 @@ def test_pairs_record_their_largest_ids_and_a_run_checks_them_without_a_second_r
 
     data = {"train": [([0, 1], [2]), ([1], [0, 1]), ([2, 2], [1])], "val": [([1], [1])], "length": [([0], [2])]}
     meta = pairs.write_pairs(tmp_path, data, _meta(3))
-    assert meta["max_token_id"] == {"train": 2, "val": 1, "length": 2} == pd.read_meta(tmp_path)["max_token_id"]
+    assert meta["max_token_id"] == {"train": 2, "val": 1, "length": 2} == fmt.read_meta(tmp_path)["max_token_id"]
     raw = np.fromfile(tmp_path / "train.bin", dtype="<u2")
     raw[6] = 4  # the first id of pair 2's source (pairs 0 and 1 hold 3 ids each)
     raw.tofile(tmp_path / "train.bin")
@@ -152,14 +155,14 @@ def test_pairs_record_their_largest_ids_and_a_run_checks_them_without_a_second_r
 
 
 def test_a_token_dataset_is_not_pairs_and_formats_replace_each_other(tmp_path):
-    pd.write_dataset(tmp_path, [0, 1, 2], [1], {**_meta(3), "vocab_size": 3})
+    fmt.write_dataset(tmp_path, [0, 1, 2], [1], {**_meta(3), "vocab_size": 3})
     with pytest.raises(UserError, match="token-stream dataset, not source/target pairs"):
         pairs.read_pairs_meta(tmp_path)
     pairs.write_pairs(tmp_path, {"train": [([0], [1])], "val": [([1], [1])], "length": [([2], [2])]}, _meta(3))
     assert {p.name for p in tmp_path.iterdir()} == {f"{s}.{e}" for s in ("train", "val", "length") for e in ("bin", "idx")} | {"meta.json"}
     pairs.write_pairs(tmp_path, {"train": [([0], [1])], "val": [([1], [1])]}, _meta(3))  # no length split now
     assert not (tmp_path / "length.bin").exists() and not (tmp_path / "length.idx").exists()
-    pd.write_dataset(tmp_path, [0, 1, 2], [1], {**_meta(3), "vocab_size": 3})
+    fmt.write_dataset(tmp_path, [0, 1, 2], [1], {**_meta(3), "vocab_size": 3})
     assert {p.name for p in tmp_path.iterdir()} == {"train.bin", "val.bin", "meta.json"}
 
 
@@ -187,10 +190,15 @@ def test_jsonl_text_corpus_is_a_token_stream(tmp_path):
     f.write_text("\n".join(json.dumps({"text": d, "meta": 1}) for d in docs) + "\n\n")
     out = prep(tmp_path, f, val_fraction=0.3)
     assert out == tmp_path / "data" / "docs_char"
-    meta = pd.read_meta(out)
-    assert not pairs.is_pairs(meta) and meta["source_sha256"] == pd._sha256(f.read_bytes())
-    tok = pd.load_tokenizer(meta["tokenizer"])
-    assert tok.decode(pd.open_split(out, "train")) + tok.decode(pd.open_split(out, "val")) == "\n".join(docs)
+    meta = fmt.read_meta(out)
+    assert not pairs.is_pairs(meta) and meta["source_sha256"] == sources._sha256(f.read_bytes())
+    tok = tk.load_tokenizer(meta["tokenizer"])
+    assert meta["documents"] == 4 and meta["val_split"] == "documents"
+    # whole documents in each split, in order (the char vocabulary has no eot to put between them)
+    train, val = (tok.decode(fmt.open_split(out, s)) for s in ("train", "val"))
+    held = [d for d in docs if d and d in val]
+    assert held and train + val != "" and sorted(train + val) == sorted("".join(docs))
+    assert all(d in train or d in val for d in docs)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -198,7 +206,7 @@ def test_jsonl_text_corpus_is_a_token_stream(tmp_path):
 
 def decoded(out: Path) -> dict:
     meta = pairs.read_pairs_meta(out)
-    tok = pd.load_tokenizer(meta["tokenizer"])
+    tok = tk.load_tokenizer(meta["tokenizer"])
     return {s: [tuple(tok.decode(x) for x in pairs.open_pairs(out, s, meta).pair(i)) for i in range(c["pairs"])]
             for s, c in meta["splits"].items()}
 
@@ -240,7 +248,7 @@ def test_prepare_a_pairs_file(tmp_path):
     assert len(got["val"]) == 10 and sorted(got["train"] + got["val"]) == sorted(rows) and "length" not in got
     assert got["train"] != rows[10:]  # shuffled before the split
     meta = pairs.read_pairs_meta(out)
-    assert meta["task"] is None and meta["source_sha256"] == pd._sha256(f.read_bytes()) and meta["val_fraction"] == 0.25
+    assert meta["task"] is None and meta["source_sha256"] == sources._sha256(f.read_bytes()) and meta["val_fraction"] == 0.25
     assert meta["bpe_vocab_size"] == 260 and (out / "tokenizer.tiktoken").is_file()
 
     j = tmp_path / "pairs.jsonl"
@@ -284,7 +292,7 @@ def test_reuse_refuse_force(tmp_path):
     with pytest.raises(UserError, match="kind 'tokens' -> 'pairs'"):
         prep(tmp_path, "task:copy", examples=300, out=tokens)
     prep(tmp_path, "task:copy", examples=300, out=tokens, force=True)
-    assert pairs.is_pairs(pd.read_meta(tokens)) and not list(tokens.glob(".*"))
+    assert pairs.is_pairs(fmt.read_meta(tokens)) and not list(tokens.glob(".*"))
 
 
 def test_import_chain_stays_light():
@@ -311,7 +319,7 @@ BAD = {
     "jsonl not an object": ({"p.jsonl": b'{"source": "a", "target": "b"}\n["a", "b"]\n'}, ["{in}/p.jsonl"], "line 2 is a JSON array, not an object"),
     "jsonl lacks a key": ({"p.jsonl": b'{"source": "a", "target": "b"}\n{"source": "a"}\n'}, ["{in}/p.jsonl"], 'line 2 has no "target" key (it has: "source")'),
     "jsonl non-string": ({"p.jsonl": b'{"source": "a", "target": "b"}\n{"source": "a", "target": 3}\n'}, ["{in}/p.jsonl"], 'line 2: "target" is a JSON number, not a string'),
-    "jsonl neither kind": ({"p.jsonl": b'{"input": "a"}\n'}, ["{in}/p.jsonl"], 'p.jsonl line 1 has keys "input"; a .jsonl source needs'),
+    "jsonl neither kind": ({"p.jsonl": b'{"input": "a"}\n'}, ["{in}/p.jsonl"], 'p.jsonl line 1 has no "text" key (it has: "input")'),
     "jsonl text not a string": ({"d.jsonl": b'{"text": "a"}\n{"text": null}\n'}, ["{in}/d.jsonl"], 'd.jsonl line 2: "text" is a JSON null, not a string'),
     "missing pairs file": ({}, ["{in}/none.tsv"], "pairs file {in}/none.tsv does not exist"),
     "too few pairs": ({"p.tsv": b"a\tb\n"}, ["{in}/p.tsv"], "has 1 pair(s), too few to split"),

@@ -14,8 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dataset_format as fmt
 import prepare_data as pd
-from prepare_data import UserError
+import sources as src
+import tokenization as tk
+from errors import UserError
 
 AWKWARD = [
     "",
@@ -49,19 +52,19 @@ def text(corpus_path) -> str:
 
 @pytest.fixture(scope="module")
 def char_tok(text):
-    return pd.CharTokenizer.from_text(text)
+    return tk.CharTokenizer.from_text(text)
 
 
 @pytest.fixture(scope="module")
 def gpt2_tok(has_gpt2_cache):
     if not has_gpt2_cache:
         pytest.skip("no offline tiktoken cache for GPT-2 (set TIKTOKEN_CACHE_DIR)")
-    return pd.gpt2_tokenizer()
+    return tk.gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def bpe_tok(text):
-    return pd.train_bpe(pd.split_chunks(text), 400, log=quiet)
+    return tk.train_bpe(tk.split_chunks(text), 400, log=quiet)
 
 
 @pytest.fixture(scope="module", params=["char", "gpt2", "bpe"])
@@ -118,7 +121,7 @@ def test_streaming_decode_bytes_is_byte_exact(tt_tok):
 
 def test_load_tokenizer_rebuilds_identical_after_json(tok, text):
     spec = json.loads(json.dumps(tok.spec))
-    again = pd.load_tokenizer(spec)
+    again = tk.load_tokenizer(spec)
     sample = text[:5000]
     assert again.encode(sample) == tok.encode(sample)
     assert (again.vocab_size, again.eot_token, again.spec) == (tok.vocab_size, tok.eot_token, tok.spec)
@@ -145,7 +148,7 @@ def test_gpt2_unavailable_is_a_user_error(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR"):
-        pd.gpt2_tokenizer()
+        tk.gpt2_tokenizer()
 
 
 def test_bpe_ranks_file_and_spec(tmp_path, bpe_tok):
@@ -161,12 +164,12 @@ def test_bpe_ranks_file_and_spec(tmp_path, bpe_tok):
 
 def test_bpe_vocab_size_too_small(text):
     with pytest.raises(UserError, match=">= 256"):
-        pd.train_bpe([text], 255, log=quiet)
+        tk.train_bpe([text], 255, log=quiet)
 
 
 def test_bpe_vocab_capped_by_corpus():
     msgs = []
-    t = pd.train_bpe(["abc abc"], 400, log=msgs.append)
+    t = tk.train_bpe(["abc abc"], 400, log=msgs.append)
     assert t.vocab_size == 259 and "only supports 259" in msgs[0]
     assert t.decode(t.encode("abc abd")) == "abc abd"
 
@@ -178,14 +181,14 @@ def test_bpe_vocab_capped_by_corpus():
 ])
 def test_load_tokenizer_bad_spec(spec):
     with pytest.raises(UserError):
-        pd.load_tokenizer(spec)
+        tk.load_tokenizer(spec)
 
 
 def test_chunked_encoding_equals_whole_text(tt_tok, text):
     size = min(20_000, len(text) // 8)
-    chunks = pd.split_chunks(text, size)
+    chunks = tk.split_chunks(text, size)
     assert "".join(chunks) == text and len(chunks) >= 5
-    assert pd.encode_text(tt_tok, text, chunk_chars=size).tolist() == tt_tok.encode(text)
+    assert np.concatenate([tk.encode_ids(tt_tok, c) for c in chunks]).tolist() == tt_tok.encode(text)
 
 
 # ----------------------------------------------------------------------------- property tests
@@ -207,8 +210,9 @@ def test_tiktoken_round_trip_property(tt_tok, s):
 
 @given(s=ws_heavy, size=st.integers(1, 40))
 def test_chunking_never_changes_tokens_property(tt_tok, s, size):
-    assert "".join(pd.split_chunks(s, size)) == s
-    assert pd.encode_text(tt_tok, s, chunk_chars=size).tolist() == tt_tok.encode(s)
+    chunks = tk.split_chunks(s, size)
+    assert "".join(chunks) == s
+    assert [i for c in chunks for i in tt_tok.encode(c)] == tt_tok.encode(s)
 
 
 # ----------------------------------------------------------------------------- on-disk format
@@ -224,75 +228,97 @@ def test_bin_format_round_trip(tmp_path, vocab_size, dtype, itemsize):
     rng = np.random.default_rng(0)
     train, val = rng.integers(0, vocab_size, 1000), rng.integers(0, vocab_size, 100)
     train[0], val[0] = vocab_size - 1, 0
-    meta = pd.write_dataset(tmp_path, train, val, _meta(vocab_size))
+    meta = fmt.write_dataset(tmp_path, train, val, _meta(vocab_size))
     assert meta["dtype"] == dtype and (meta["train_tokens"], meta["val_tokens"]) == (1000, 100)
-    assert pd.read_meta(tmp_path) == meta
+    assert fmt.read_meta(tmp_path) == meta
     assert (tmp_path / "train.bin").stat().st_size == 1000 * itemsize
     raw = np.fromfile(tmp_path / "train.bin", dtype="<u2" if itemsize == 2 else "<u4")
     assert raw.tolist() == train.tolist()
     for split, ids in (("train", train), ("val", val)):
-        m = pd.open_split(tmp_path, split)
+        m = fmt.open_split(tmp_path, split)
         assert isinstance(m, np.memmap) and m.dtype == np.dtype(dtype) and m.tolist() == ids.tolist()
-        assert pd.open_split(tmp_path, split, meta) is not m  # a fresh memmap each call
+        assert fmt.open_split(tmp_path, split, meta) is not m  # a fresh memmap each call
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_write_dataset_rejects_out_of_range_ids(tmp_path):
     with pytest.raises(ValueError, match="must lie in"):
-        pd.write_dataset(tmp_path / "x", [0, 65], [0], _meta(65))
+        fmt.write_dataset(tmp_path / "x", [0, 65], [0], _meta(65))
     assert not (tmp_path / "x").exists()
 
 
 def test_write_dataset_failure_leaves_old_files_and_no_temp(tmp_path, monkeypatch):
-    pd.write_dataset(tmp_path, [1, 2, 3], [1], _meta(65))
+    fmt.write_dataset(tmp_path, [1, 2, 3], [1], _meta(65))
     before = snapshot(tmp_path)
 
     def boom(*a):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pd.os, "fsync", boom)
+    monkeypatch.setattr(fmt.os, "fsync", boom)
     with pytest.raises(OSError):
-        pd.write_dataset(tmp_path, [4, 5], [6], _meta(65))
+        fmt.write_dataset(tmp_path, [4, 5], [6], _meta(65))
     assert snapshot(tmp_path) == before
 
 
 def test_read_meta_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist.*minigpt prepare"):
-        pd.read_meta(tmp_path / "nope")
+        fmt.read_meta(tmp_path / "nope")
     with pytest.raises(UserError, match="no meta.json.*minigpt prepare"):
-        pd.read_meta(tmp_path)
+        fmt.read_meta(tmp_path)
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable.*minigpt prepare"):
-        pd.read_meta(tmp_path)
-    good = pd.write_dataset(tmp_path, [1, 2], [1], _meta(65))
+        fmt.read_meta(tmp_path)
+    good = fmt.write_dataset(tmp_path, [1, 2], [1], _meta(65))
     for bad in ({"format_version": 2}, {"vocab_size": "65"}, {"dtype": "uint32"}, {"train_tokens": None}, {"tokenizer": {}}):
         (tmp_path / "meta.json").write_text(json.dumps({**good, **bad}))
         with pytest.raises(UserError, match="minigpt prepare"):
-            pd.read_meta(tmp_path)
+            fmt.read_meta(tmp_path)
 
 
 def test_open_split_errors(tmp_path):
-    meta = pd.write_dataset(tmp_path, [1, 2, 3], [1, 2], _meta(65))
+    meta = fmt.write_dataset(tmp_path, [1, 2, 3], [1, 2], _meta(65))
     with open(tmp_path / "train.bin", "ab") as f:
         f.write(b"\x00")  # not a multiple of 2 bytes
     with pytest.raises(UserError, match="truncated or stale"):
-        pd.open_split(tmp_path, "train", meta)
+        fmt.open_split(tmp_path, "train", meta)
     (tmp_path / "val.bin").write_bytes(b"\x01\x00")  # one token, meta says two
     with pytest.raises(UserError, match="truncated or stale"):
-        pd.open_split(tmp_path, "val", meta)
+        fmt.open_split(tmp_path, "val", meta)
     (tmp_path / "val.bin").unlink()
     with pytest.raises(UserError, match="missing"):
-        pd.open_split(tmp_path, "val", meta)
+        fmt.open_split(tmp_path, "val", meta)
 
 
 # ----------------------------------------------------------------------------- prepare
 
 
-def test_split_is_fixed_and_cut_at_newline(text):
-    train, val = pd.split_train_val(text, 0.1)
-    assert train + val == text and train.endswith("\n")
-    assert abs(len(val) / len(text) - 0.1) < 0.01
-    assert pd.split_train_val(text, 0.1) == (train, val)
+def _split_in_memory(text: str, val_fraction: float) -> int:
+    """The split a one-document corpus had when prepare read it whole: the reference for sources.split_text."""
+    n = int(len(text) * (1 - val_fraction))
+    after, before = text.find("\n", n), text.rfind("\n", 0, n)
+    candidates = [i + 1 for i in (after, before) if i != -1 and 0 < i + 1 < len(text)]
+    return min(candidates, key=lambda c: abs(c - n)) if candidates else n
+
+
+def test_split_is_fixed_and_cut_at_newline(text, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    at = src.split_text(path, 0.1)
+    train = path.read_bytes()[:at].decode("utf-8")
+    assert train.endswith("\n") and abs(1 - len(train) / len(text) - 0.1) < 0.01
+    assert len(train) == _split_in_memory(text, 0.1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(s=st.text(alphabet=st.sampled_from(list("ab \n") + ["é", "🎉", "\u3000"]), min_size=1, max_size=200),
+       fraction=st.floats(0.01, 0.99))
+def test_split_text_reads_blocks_as_the_whole_text_splits_property(tmp_path, monkeypatch, s, fraction):
+    monkeypatch.setattr(src, "HASH_BLOCK", 7)  # blocks cut through characters
+    monkeypatch.setattr(src, "SCAN_BYTES", 5)
+    path = tmp_path / "t.txt"
+    path.write_text(s, encoding="utf-8")
+    at = src.split_text(path, fraction)
+    assert len(path.read_bytes()[:at].decode("utf-8")) == _split_in_memory(s, fraction)
 
 
 def test_prepare_char_meta_and_data(tmp_path, corpus_path, text):
@@ -304,8 +330,8 @@ def test_prepare_char_meta_and_data(tmp_path, corpus_path, text):
     assert meta["source"] == str(corpus_path.resolve())
     import hashlib
     assert meta["source_sha256"] == hashlib.sha256(corpus_path.read_bytes()).hexdigest()
-    tok = pd.load_tokenizer(meta["tokenizer"])
-    train, val = pd.open_split(out, "train"), pd.open_split(out, "val")
+    tok = tk.load_tokenizer(meta["tokenizer"])
+    train, val = fmt.open_split(out, "train"), fmt.open_split(out, "val")
     assert meta["train_tokens"] + meta["val_tokens"] == len(text)
     assert tok.decode(train) + tok.decode(val) == text
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
@@ -319,17 +345,17 @@ def test_prepare_shakespeare_all_tokenizers(tmp_path, shakespeare_path, has_gpt2
     for kind in kinds:
         out = prep(tmp_path, "shakespeare", kind, input_path=shakespeare_path)
         assert out == tmp_path / "data" / f"shakespeare_{kind}"
-        meta = pd.read_meta(out)
-        assert meta["source_sha256"] == pd.SHAKESPEARE_SHA256 and meta["source"].startswith("shakespeare")
+        meta = fmt.read_meta(out)
+        assert meta["source_sha256"] == src.SHAKESPEARE_SHA256 and meta["source"].startswith("shakespeare")
         if kind == "gpt2":
             assert meta["train_tokens"] + meta["val_tokens"] == 338_025 and meta["eot_token"] == 50256
         if kind == "bpe":
-            assert meta["bpe_vocab_size"] == pd.DEFAULT_BPE_VOCAB_SIZE == meta["vocab_size"]
+            assert meta["bpe_vocab_size"] == tk.DEFAULT_BPE_VOCAB_SIZE == meta["vocab_size"]
             assert (out / "tokenizer.tiktoken").read_text() == meta["tokenizer"]["ranks"]
-        tok = pd.load_tokenizer(meta["tokenizer"])
-        vals.add(tok.decode(pd.open_split(out, "val")))
-        assert tok.decode(pd.open_split(out, "train")) + vals.pop() == shakespeare_path.read_text()
-        vals.add(tok.decode(pd.open_split(out, "val")))
+        tok = tk.load_tokenizer(meta["tokenizer"])
+        vals.add(tok.decode(fmt.open_split(out, "val")))
+        assert tok.decode(fmt.open_split(out, "train")) + vals.pop() == shakespeare_path.read_text()
+        vals.add(tok.decode(fmt.open_split(out, "val")))
     assert len(vals) == 1  # the same fixed val text whatever the tokenizer
 
 
@@ -352,7 +378,7 @@ def test_reuse_refuse_force(tmp_path, corpus_path):
     assert snapshot(out) == before
 
     prep(tmp_path, corpus_path, "char", out=out, force=True)
-    assert pd.read_meta(out)["tokenizer_kind"] == "char"
+    assert fmt.read_meta(out)["tokenizer_kind"] == "char"
     assert not (out / "tokenizer.tiktoken").exists() and not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
@@ -364,14 +390,14 @@ def test_refuses_unreadable_existing_dataset(tmp_path, corpus_path):
         prep(tmp_path, corpus_path, out=out)
     assert (out / "meta.json").read_text() == "garbage"
     prep(tmp_path, corpus_path, out=out, force=True)
-    assert pd.read_meta(out)["tokenizer_kind"] == "char"
+    assert fmt.read_meta(out)["tokenizer_kind"] == "char"
 
 
 def test_incomplete_output_is_rewritten(tmp_path, corpus_path):
     out = prep(tmp_path, corpus_path, out=tmp_path / "ds")
     (out / "val.bin").write_bytes(b"")
     prep(tmp_path, corpus_path, out=out)
-    assert len(pd.open_split(out, "val")) == pd.read_meta(out)["val_tokens"] > 0
+    assert len(fmt.open_split(out, "val")) == fmt.read_meta(out)["val_tokens"] > 0
 
 
 def test_folder_source(tmp_path):
@@ -382,9 +408,10 @@ def test_folder_source(tmp_path):
     (src / "notes.md").write_text("ignored")
     out = prep(tmp_path, src)
     assert out == tmp_path / "data" / "plays_char"
-    tok = pd.load_tokenizer(pd.read_meta(out)["tokenizer"])
-    text = tok.decode(pd.open_split(out, "train")) + tok.decode(pd.open_split(out, "val"))
-    assert text == "first file, no newline at end" * 30 + "\n" + "second file\n" * 30
+    tok = tk.load_tokenizer(fmt.read_meta(out)["tokenizer"])
+    # two documents: whole ones are held out, so each split gets one (the char vocabulary has no eot)
+    splits = {tok.decode(fmt.open_split(out, s)) for s in ("train", "val")}
+    assert splits == {"first file, no newline at end" * 30, "second file\n" * 30}
 
 
 def test_default_out_dir_uses_file_stem(tmp_path, corpus_path):
@@ -412,11 +439,11 @@ def test_shakespeare_download_cached_and_verified(tmp_path, monkeypatch, shakesp
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     out = prep(tmp_path, "shakespeare")
-    cache = pd.shakespeare_cache_path(tmp_path / "data")
+    cache = src.shakespeare_cache_path(tmp_path / "data")
     assert cache == tmp_path / "data" / "shakespeare" / "input.txt"
-    assert cache.read_bytes() == shakespeare_path.read_bytes() and calls == [(pd.SHAKESPEARE_URL, pd.DOWNLOAD_TIMEOUT_S)]
+    assert cache.read_bytes() == shakespeare_path.read_bytes() and calls == [(src.SHAKESPEARE_URL, src.DOWNLOAD_TIMEOUT_S)]
     prep(tmp_path, "shakespeare", out=tmp_path / "again")
-    assert len(calls) == 1 and pd.read_meta(out)["source_sha256"] == pd.SHAKESPEARE_SHA256
+    assert len(calls) == 1 and fmt.read_meta(out)["source_sha256"] == src.SHAKESPEARE_SHA256
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -513,29 +540,29 @@ def _corrupt(path, at, value, dtype="<u2"):
 
 
 def test_write_dataset_records_each_splits_largest_id(tmp_path):
-    meta = pd.write_dataset(tmp_path, [3, 64, 7], [], _meta(65))
-    assert meta["max_token_id"] == {"train": 64, "val": None} == pd.read_meta(tmp_path)["max_token_id"]
-    assert pd.recorded_max_id(meta, "train") == 64 and pd.recorded_max_id(meta, "val") is None
-    assert pd.recorded_max_id({}, "train") is None  # prepared before the record existed: nothing to trust
+    meta = fmt.write_dataset(tmp_path, [3, 64, 7], [], _meta(65))
+    assert meta["max_token_id"] == {"train": 64, "val": None} == fmt.read_meta(tmp_path)["max_token_id"]
+    assert fmt.recorded_max_id(meta, "train") == 64 and fmt.recorded_max_id(meta, "val") is None
+    assert fmt.recorded_max_id({}, "train") is None  # prepared before the record existed: nothing to trust
 
 
 def test_start_check_scans_a_small_split_and_trusts_prepare_for_a_large_one(tmp_path):
-    meta = pd.write_dataset(tmp_path, list(range(60)) * 10, [1, 2], _meta(65))
-    pd.check_token_ids(tmp_path, "train", meta)  # clean
+    meta = fmt.write_dataset(tmp_path, list(range(60)) * 10, [1, 2], _meta(65))
+    fmt.check_token_ids(tmp_path, "train", meta)  # clean
     _corrupt(tmp_path / "train.bin", 123, 65)  # one past the vocabulary, after prepare
     with pytest.raises(UserError, match=r"train.bin holds token id 65 at position 123, but vocab_size is 65: .*--force"):
-        pd.check_token_ids(tmp_path, "train", meta)  # 1,200 bytes: read whole
-    pd.check_token_ids(tmp_path, "train", meta, full_check_bytes=1199)  # "large": not read (batches check it)
+        fmt.check_token_ids(tmp_path, "train", meta)  # 1,200 bytes: read whole
+    fmt.check_token_ids(tmp_path, "train", meta, full_check_bytes=1199)  # "large": not read (batches check it)
     old = {k: v for k, v in meta.items() if k != "max_token_id"}  # a dataset from before the record: same rule
-    pd.check_token_ids(tmp_path, "train", old, full_check_bytes=0)
+    fmt.check_token_ids(tmp_path, "train", old, full_check_bytes=0)
     with pytest.raises(UserError, match="holds token id 65 at position 123"):
-        pd.check_token_ids(tmp_path, "train", old)
+        fmt.check_token_ids(tmp_path, "train", old)
     # a meta.json whose record contradicts its vocabulary is refused without reading the file
     with pytest.raises(UserError, match=r"meta.json records token id 70 as the largest of the val split, but "
                                         r"vocab_size is 65; re-run `minigpt prepare"):
-        pd.check_token_ids(tmp_path, "val", {**meta, "max_token_id": {"train": 59, "val": 70}}, full_check_bytes=0)
+        fmt.check_token_ids(tmp_path, "val", {**meta, "max_token_id": {"train": 59, "val": 70}}, full_check_bytes=0)
     with pytest.raises(UserError, match="truncated or stale"):  # sizes are still checked, always
-        pd.check_token_ids(tmp_path, "val", {**meta, "val_tokens": 3}, full_check_bytes=0)
+        fmt.check_token_ids(tmp_path, "val", {**meta, "val_tokens": 3}, full_check_bytes=0)
 
 
 @pytest.mark.parametrize("n_tokens, bad_at", [(20, 7), (40, 25)])
@@ -547,7 +574,7 @@ def test_each_batch_checks_its_ids_and_names_the_position_in_the_file(tmp_path, 
     import batches
     from model import GPTConfig
 
-    meta = pd.write_dataset(tmp_path, [i % 60 for i in range(n_tokens)], [1] * 20, _meta(65))
+    meta = fmt.write_dataset(tmp_path, [i % 60 for i in range(n_tokens)], [1] * 20, _meta(65))
     model = GPTConfig(vocab_size=65, block_size=19, n_layer=1, n_head=1, n_embd=8)
     source = batches.Batches(tmp_path, meta, "train", 8, model, torch.device("cpu"), seed=0)
     x, y = source.make(0, 0)
@@ -576,7 +603,7 @@ def test_a_corrupt_id_in_a_split_too_large_to_scan_ends_training_when_a_batch_re
     raw = np.fromfile(data / "train.bin", dtype="<u2")
     raw[::7] = meta["vocab_size"]  # every window of 8+ tokens holds one
     raw.tofile(data / "train.bin")
-    monkeypatch.setattr(pd, "FULL_ID_CHECK_BYTES", 0)  # as if the split were larger than the start reads
+    monkeypatch.setattr(fmt, "FULL_ID_CHECK_BYTES", 0)  # as if the split were larger than the start reads
     args = ["train", str(REPO_ROOT / "config" / "debug.toml"), "--set", f"data.dir={data}",
             "--set", f"run.out_dir={tmp_path / 'run'}", "--set", "train.max_iters=2"]
     result = CliRunner().invoke(app, args)

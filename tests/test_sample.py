@@ -10,7 +10,7 @@ import sample
 import train
 from conftest import tiny_config
 from model import GPT, GPTConfig
-from prepare_data import UserError
+from errors import UserError
 
 
 def tiny_model(seed=0, **kw) -> GPT:

@@ -14,7 +14,7 @@ from cli.main import app
 from conftest import tiny_config
 from model import GPT, GPTConfig
 from pairs import SpecialTokens
-from prepare_data import UserError
+from errors import UserError
 
 
 @pytest.fixture(scope="module")

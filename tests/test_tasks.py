@@ -6,7 +6,7 @@ import re
 import pytest
 
 import tasks
-from prepare_data import UserError
+from errors import UserError
 
 GENERATED = ("copy", "reverse", "sort", "add")
 

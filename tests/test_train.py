@@ -12,7 +12,7 @@ import train
 from batches import Batches
 from conftest import read_metrics, tiny_config
 from model import GPT, GPTConfig
-from prepare_data import UserError
+from errors import UserError
 
 
 def test_lr_schedule_endpoints():
@@ -276,7 +276,7 @@ def test_cpu_runtime_keeps_freed_memory_on_glibc():
 
 
 def test_prefetched_batch_is_the_one_get_would_make_and_train_step_prefetches_the_next(char_data, tmp_path):
-    from prepare_data import read_meta
+    from dataset_format import read_meta
 
     cfg, _ = train.with_vocab(tiny_config(char_data, tmp_path / "run", train={"grad_accum": 2}))
     meta = read_meta(char_data)
