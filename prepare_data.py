@@ -55,9 +55,9 @@ def _start_worker(spec: dict | None) -> None:
     _tokenizer = load_tokenizer(spec) if spec is not None else None
 
 
-def encode_task(task, eot: int | None) -> tuple[np.ndarray, list[int], list[bool]]:
-    """A task's ids, an `eot` after each document that ends in it (unless None), with each piece's number of ids
-    and whether it ends a document."""
+def encode_task(task, eot: int | None, dtype: np.dtype) -> tuple[np.ndarray, list[int], list[bool]]:
+    """A task's ids as `dtype` (the dataset's: half the bytes to send back for uint16), an `eot` after each
+    document that ends in it (unless None), with each piece's number of ids and whether it ends a document."""
     parts, sizes, ends = [], [], []
     for text, ends_document in task.texts():
         ids = encode_ids(_tokenizer, text)
@@ -66,7 +66,7 @@ def encode_task(task, eot: int | None) -> tuple[np.ndarray, list[int], list[bool
         parts.append(ids)
         sizes.append(len(ids))
         ends.append(ends_document)
-    return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)), sizes, ends
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)).astype(dtype), sizes, ends
 
 
 def chars_task(task) -> tuple[list[str], list[bool]]:
@@ -277,7 +277,7 @@ def encode_corpus(writer: DatasetWriter, plan: Iterator[Planned], tok: Tokenizer
                   documents: Documents, workers: int, bar: Progress) -> None:
     """Every piece's ids to its split, in order, `eot` after each document (None: nothing after them)."""
     with Workers(workers, tok) as pool:
-        for planned, (ids, sizes, _), routes in documents.route_tasks(pool.map(encode_task, plan, eot)):
+        for planned, (ids, sizes, _), routes in documents.route_tasks(pool.map(encode_task, plan, eot, writer.dtype)):
             at, run_split, run_start = 0, None, 0  # pieces going to the same split are written as one run
             for size, (split, starts) in zip(sizes, routes):
                 if split != run_split:
