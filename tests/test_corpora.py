@@ -173,9 +173,13 @@ def test_parquet_file_and_folder(tmp_path, docs, gpt2):
 
 
 def test_hf_dataset_from_a_local_folder_and_without_the_network(tmp_path, docs, monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    # as without a network (read at import, so set on the modules): no minutes of retries against the hub
+    for module in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     folder = tmp_path / "ds"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:10]))
