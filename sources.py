@@ -188,6 +188,7 @@ class JsonlLines:
 
 @dataclass(frozen=True)
 class ParquetRowGroup:
+    """One row group of a parquet file's text column (its writer chose the size), a document a row."""
     path: str
     row_group: int
     column: str
@@ -195,23 +196,23 @@ class ParquetRowGroup:
 
     def texts(self) -> Iterator[tuple[str, bool]]:
         pq = import_pyarrow_parquet()
-        table = pq.ParquetFile(self.path).read_row_group(self.row_group, columns=[self.column])
-        for batch in table.column(0).chunks:
-            for i, text in enumerate(batch.to_pylist()):
-                if not isinstance(text, str):
-                    raise UserError(f"{self.path} row group {self.row_group}, row {i}: column {self.column!r} holds "
-                                    f"{type(text).__name__}, not text; pass --text-key with a text column")
-                yield text, True
+        column = pq.ParquetFile(self.path).read_row_group(self.row_group, columns=[self.column]).column(0)
+        for i, text in enumerate(t for chunk in column.chunks for t in chunk.to_pylist()):
+            if not isinstance(text, str):
+                what = "null" if text is None else type(text).__name__
+                raise UserError(f"{self.path} row group {self.row_group}, row {i}: column {self.column!r} holds "
+                                f"{what}, not text; pass --text-key with a text column")
+            yield text, True
 
 
 @dataclass(frozen=True)
 class Texts:
     """Documents already read (a streamed dataset's, read by the main process)."""
-    texts_: tuple[str, ...]
+    documents: tuple[str, ...]
     nbytes: int
 
     def texts(self) -> Iterator[tuple[str, bool]]:
-        for t in self.texts_:
+        for t in self.documents:
             yield t, True
 
 
