@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_format import atomic_write
 from errors import UserError
+from dataset_format import atomic_write
 
 X_AXES = ("step", "tokens", "time")  # what --x takes: optimizer steps, tokens trained on, training wall time
 FORMATS = {".png": "png", ".svg": "svg"}  # --out's suffix picks the format
@@ -182,17 +182,17 @@ def _names(runs: list[Path]) -> list[str]:
 # Loss curves: the picture
 
 
-def check_out(out: str | Path) -> str:
-    """The format --out asks for (from its suffix), or a UserError if the file cannot be written there."""
+def check_out(out: str | Path, option: str = "--out") -> str:
+    """The format `option` asks for (from its suffix), or a UserError if the file cannot be written there."""
     out = Path(out)
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
-        raise UserError(f"--out {out}: the suffix picks the format, .png or .svg")
+        raise UserError(f"{option} {out}: the suffix picks the format, .png or .svg")
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name a file in it, e.g. {out / 'loss.png'}")
+        raise UserError(f"{option} {out} is a folder; name a file in it, e.g. {out / 'loss.png'}")
     if not out.parent.is_dir():
         what = "is a file, not a folder" if out.parent.exists() else "does not exist"
-        raise UserError(f"--out {out}: {out.parent} {what}")
+        raise UserError(f"{option} {out}: {out.parent} {what}")
     return fmt
 
 
@@ -261,3 +261,40 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     if seconds >= 120:
         return 60.0, "min"
     return 1.0, "s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# `minigpt bench nanogpt --quality --plot`: both tools' val loss curves
+
+
+def plot_quality(quality: dict, out: str | Path) -> Path:
+    """The val loss curves of a --quality comparison (compare_with_nanogpt's "quality") into `out`, against
+    training time (evaluations not counted) and against step, with nanoGPT's final val loss as a dotted line. Step
+    0 (nanoGPT's untrained model, ln(vocabulary)) is left out: it would squeeze the curves into a corner."""
+    fmt = check_out(out, "--plot")
+    target = quality["target_val_loss"]
+    runs = {"nanoGPT": quality["nanogpt"], **{f"minigpt {name}": r for name, r in quality["minigpt"].items()}}
+    plt = pyplot()
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 5.6), sharey=True)
+    try:
+        for label, run in runs.items():
+            steps, seconds, val = zip(*[point for point in run["curve"] if point[0] > 0])
+            reached = run["time_to_target"]
+            label += f": final {val[-1]:.3f}"
+            if reached:
+                label += f"; <= {target:.3f} after {reached['train_s']:.0f} s"
+            by_time.plot(seconds, val, marker="o", markersize=2.5, linewidth=1.2, label=label)
+            by_step.plot(steps, val, marker="o", markersize=2.5, linewidth=1.2)
+        for ax, xlabel in ((by_time, "training time, evaluations not counted (s)"), (by_step, "step")):
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        by_time.set_ylabel("val loss")
+        fig.legend(fontsize="small", loc="lower center")  # below both panels: inside, it would hide curves
+        fig.suptitle(f"val loss, {quality['steps']} steps at nanoGPT's CPU shapes (dotted: nanoGPT's final, "
+                     f"{target:.4f})")
+        fig.tight_layout(rect=(0, 0.04 * (len(runs) + 1), 1, 1))
+        atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
+    return Path(out)

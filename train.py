@@ -32,8 +32,8 @@ from cli.config_loader import config_to_dict
 from encoder_decoder import CrossAttention, model_flops_per_token
 from model import Attention, GPTConfig
 from pairs import N_SPECIAL, is_pairs, special_tokens
-from dataset_format import check_token_ids, read_meta
 from errors import UserError
+from dataset_format import check_token_ids, read_meta
 from memory import BuildMemoryLog, out_of_memory
 from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
 from sharding import build_for_training, load_state, load_weights, shards_model
@@ -61,6 +61,9 @@ class OptimConfig:
     lr_decay_iters: int = 0  # the cosine reaches min_lr here; 0 = at the train.max_iters the run started with
     # after warmup: cosine to min_lr, or Vaswani 2017's lr · √(warmup / step) (floored at min_lr), with no end
     schedule: Literal["cosine", "inverse_sqrt"] = "cosine"
+    # inverse_sqrt only: its last this many steps before lr_decay_iters (none of warmup's) fall linearly to min_lr;
+    # 0 = no end
+    cooldown_iters: int = 0
     # AdamW for every parameter, or Muon (torch >= 2.9) for the blocks' matrices and AdamW (above) for the rest
     name: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02  # Muon's peak lr (Keller Jordan's default), scaled by the schedule as lr is
@@ -78,7 +81,7 @@ class OptimConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        for name in ("warmup_iters", "lr_decay_iters"):
+        for name in ("warmup_iters", "lr_decay_iters", "cooldown_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.muon_lr <= 1:  # also catches NaN
@@ -88,6 +91,9 @@ class OptimConfig:
         if self.name == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"name = \"muon\" needs torch >= 2.9 (torch.optim.Muon), this is torch {torch.__version__}: "
                              "upgrade torch, or use name = \"adamw\"")
+        if self.cooldown_iters and self.schedule != "inverse_sqrt":
+            raise ValueError(f"cooldown_iters ends the inverse_sqrt schedule; the {self.schedule} one already ends at "
+                             "min_lr: set schedule = \"inverse_sqrt\" or cooldown_iters = 0")
         if self.schedule == "cosine" and 0 < self.lr_decay_iters < self.warmup_iters:  # the cosine would never run
             raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters}): "
                              "the cosine runs from the end of warmup to lr_decay_iters (0 = train.max_iters)")
@@ -203,12 +209,21 @@ def fix_schedule(cfg: Config) -> Config:
 
 def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.min_lr at lr_decay_iters, then flat; or with the
-    inverse_sqrt schedule, lr · √(warmup / step) after warmup (Vaswani 2017), never below min_lr."""
+    inverse_sqrt schedule, lr · √(warmup / step) after warmup (Vaswani 2017), never below min_lr, and with
+    cooldown_iters a linear fall from there to min_lr over the last cooldown_iters steps before lr_decay_iters
+    (fewer if warmup would still be running), then flat."""
     decay_iters = optim.lr_decay_iters or max_iters
     if step < optim.warmup_iters:
         return optim.lr * (step + 1) / (optim.warmup_iters + 1)
-    if optim.schedule == "inverse_sqrt":  # equal to lr at the end of warmup, then 1/√step
-        return max(optim.min_lr, optim.lr * math.sqrt((optim.warmup_iters + 1) / (step + 1)))
+    if optim.schedule == "inverse_sqrt":
+        # an inverse square root anneals early but never ends; a run that must also end low cools down
+        start = max(optim.warmup_iters, decay_iters - optim.cooldown_iters) if optim.cooldown_iters else math.inf
+        lr = max(optim.min_lr, optim.lr * math.sqrt((optim.warmup_iters + 1) / (min(step, start) + 1)))
+        if step < start:  # equal to lr at the end of warmup, then 1/√step
+            return lr
+        if step >= decay_iters:
+            return optim.min_lr
+        return optim.min_lr + (lr - optim.min_lr) * (decay_iters - step) / (decay_iters - start)
     if step >= decay_iters:
         return optim.min_lr
     progress = (step - optim.warmup_iters) / (decay_iters - optim.warmup_iters)
@@ -630,7 +645,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             "tokens_seen": tokens_seen, "best_val_loss": best_val_loss, "config": config_to_dict(cfg),
             "tokenizer": meta["tokenizer"], "data": data_info(cfg, meta),
             "sampler": {"seed": cfg.run.seed, "step": step},  # batches are a pure function of (seed, step)
-            "wandb_run_id": wandb_run_id, "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+            "wandb_run_id": wandb_run_id, "elapsed_s": elapsed_s(),
         }
 
     def save(improved: bool = False, evaluated: bool = False) -> None:
@@ -657,6 +672,21 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
     last_eval, stopped_by, bad_in_a_row, skipped = None, None, 0, 0
     wandb_run_id = checkpoint.get("wandb_run_id") if checkpoint is not None else None  # W&B's run, resumed with it
     elapsed_before = checkpoint.get("elapsed_s", 0.0) if checkpoint is not None else 0.0  # earlier processes' elapsed_s
+    paused_s = 0.0  # this process's evaluations and their checkpoints: time to a loss should not pay for measuring it
+
+    def elapsed_s() -> float:
+        """Training wall time, evaluations and their checkpoints left out, summed across resumes."""
+        return elapsed_before + time.perf_counter() - loop_start - paused_s
+
+    @contextmanager
+    def not_training():
+        nonlocal paused_s
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            paused_s += time.perf_counter() - start
+
     saved_at = step if checkpoint is not None else None  # the step the checkpoint on disk holds
     eval_time = 0.0  # seconds the last evaluation took: the ETA counts the evaluations still to come
     step_time, windows_logged, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
@@ -682,7 +712,7 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
             cleanup.callback(logger.close)
         stop = cleanup.enter_context(stop_on_signals())
         model.train()
-        loop_start = time.perf_counter()  # elapsed_s: training wall time, evaluations included, summed across resumes
+        loop_start = time.perf_counter()
         while step < cfg.train.max_iters:
             lr = lr_at(step, cfg.optim, cfg.train.max_iters)
             seed_step(cfg.run.seed, step, rt.rank, rt.device)  # each process its own dropout masks, the same after a resume
@@ -719,20 +749,22 @@ def _train(cfg: Config, rt: Runtime, checkpoint: dict | None, config_text: str |
                     extra = {"aux_loss": model.aux_loss().item()} if cfg.model.n_experts else {}  # experts' balance
                     logger.record(step, loss=loss_value, nll=nll.item(), lr=lr, tokens_per_s=tok_s, mfu=mfu,
                                   tokens_seen=tokens_seen, skipped_steps=skipped,
-                                  elapsed_s=elapsed_before + now - loop_start, **extra)
+                                  elapsed_s=elapsed_s(), **extra)
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_iters:
-                eval_start = time.perf_counter()
-                last_eval = evaluate(step_model, cfg, meta, rt)
-                eval_time = time.perf_counter() - eval_start
-                improved = last_eval["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, last_eval["val"])
-                if rt.is_main:
-                    print(f"eval {step}: train {last_eval['train']:.4f} | val {last_eval['val']:.4f}"
-                          + (" | new best" if improved else ""), flush=True)
-                    logger.record(step, train_loss=last_eval["train"], val_loss=last_eval["val"],
-                                  best_val_loss=best_val_loss)
-                save(improved=improved, evaluated=True)
+                with not_training():
+                    eval_start = time.perf_counter()
+                    last_eval = evaluate(step_model, cfg, meta, rt)
+                    eval_time = time.perf_counter() - eval_start
+                    improved = last_eval["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, last_eval["val"])
+                    if rt.is_main:
+                        print(f"eval {step}: train {last_eval['train']:.4f} | val {last_eval['val']:.4f}"
+                              + (" | new best" if improved else ""), flush=True)
+                        logger.record(step, train_loss=last_eval["train"], val_loss=last_eval["val"],
+                                      best_val_loss=best_val_loss)
+                with not_training():  # a block of its own: the checkpoint's elapsed_s leaves this evaluation out
+                    save(improved=improved, evaluated=True)
                 saved_at = step
                 window_start, window_steps = time.perf_counter(), 0  # eval time is not training speed
             # after the step's evaluation, if it has one: a stop asked for during that step or during the evaluation

@@ -98,6 +98,36 @@ def test_fused_qkv_is_orthogonalised_per_block():
     assert all(any(p is q for q in model.parameters()) for p in opt.state)  # no view left behind
 
 
+def test_batched_step_is_torchs_muon_on_each_block_bit_for_bit():
+    """BlockMuon orthogonalises all blocks of one shape as one batch: two steps (momentum included) of every
+    matrix (square, tall, wide, and q/k/v blocks of two sizes) == torch's Muon stepping each block as a parameter
+    of its own."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp="swiglu"))
+    opt = train.configure_optimizer(model, MUON, CPU)
+    muon = opt.optimizers[1]
+    for g in opt.param_groups:
+        g["lr"] = MUON.lr * g.get("lr_scale", 1.0)
+    blocks = [(p, rows or [p.shape[0]], g) for g in muon.param_groups for p in g["params"]
+              for rows in [g["row_blocks"]]]
+    theirs = [[torch.nn.Parameter(b.detach().clone()) for b in p.split(rows)] for p, rows, _ in blocks]
+    reference = [torch.optim.Muon(ps, lr=g["lr"], weight_decay=g["weight_decay"], momentum=MUON.muon_momentum)
+                 for ps, (_, _, g) in zip(theirs, blocks)]
+    for step in range(2):
+        x = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        model(x, x)[1].backward()
+        for ps, (p, rows, _) in zip(theirs, blocks):
+            for q, grad in zip(ps, p.grad.split(rows)):
+                q.grad = grad.clone()
+        opt.step()
+        for r in reference:
+            r.step()
+    assert {tuple(b.shape) for ps in theirs for b in ps} == {(32, 32), (16, 32), (128, 32), (32, 128)}
+    for ps, (p, _, _) in zip(theirs, blocks):
+        assert torch.equal(p.detach(), torch.cat([q.detach() for q in ps]))
+
+
 def test_a_tiny_model_overfits_one_batch_with_muon():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32))

@@ -55,6 +55,31 @@ def test_elapsed_s_is_training_time_summed_across_resumes(resumed_run):
     assert elapsed[-1] <= load_checkpoint(run)["elapsed_s"] <= 1000.0 + wall_2
 
 
+def test_elapsed_s_leaves_evaluations_and_their_checkpoints_out(char_data, tmp_path, monkeypatch):
+    import types
+
+    import train
+    from checkpoint import load_checkpoint
+
+    # a clock on which each evaluation and each checkpoint save takes an hour: none of it may show in elapsed_s
+    hours = []
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + 3600 * len(hours))
+    monkeypatch.setattr(train, "time", clock)
+
+    def an_hour_long(real):
+        def call(*args, **kwargs):
+            hours.append(1)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(train, "evaluate", an_hour_long(train.evaluate))
+    monkeypatch.setattr(train, "save_checkpoint", an_hour_long(train.save_checkpoint))
+    train.train(tiny_config(char_data, tmp_path, train={"max_iters": 8, "eval_interval": 4}))
+    elapsed = [r["elapsed_s"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(hours) == 4  # evaluations and saves at steps 4 and 8
+    assert 0 < elapsed[-1] <= load_checkpoint(tmp_path)["elapsed_s"] < 3600
+
+
 def test_curves_are_the_metrics_on_each_x_axis(resumed_run):
     run = resumed_run[0]
     records = read_metrics(run)

@@ -29,6 +29,24 @@ def test_lr_schedule_endpoints():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_inverse_sqrt_schedule_cools_down_to_min_lr():
+    o = train.OptimConfig(lr=1e-3, min_lr=1e-5, warmup_iters=99, schedule="inverse_sqrt", cooldown_iters=200,
+                          lr_decay_iters=599)
+    # 1/√step up to the cooldown's start (step 399: half the peak), then a straight line from there to min_lr
+    assert train.lr_at(99, o, 999) == pytest.approx(1e-3)
+    assert train.lr_at(399, o, 999) == pytest.approx(5e-4)
+    assert train.lr_at(499, o, 999) == pytest.approx(1e-5 + (5e-4 - 1e-5) / 2)
+    assert train.lr_at(599, o, 999) == train.lr_at(10**6, o, 999) == 1e-5
+    follow = replace(o, lr_decay_iters=0)  # 0 follows max_iters
+    assert train.lr_at(499, follow, 599) == pytest.approx(train.lr_at(499, o, 999))
+    with pytest.raises(ValueError, match="the cosine one already ends at min_lr"):
+        replace(o, schedule="cosine")
+    short = replace(o, lr_decay_iters=250)  # a run too short for the whole cooldown: it starts when warmup ends
+    assert train.lr_at(99, short, 999) == pytest.approx(1e-3)
+    assert train.lr_at(174, short, 999) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 76 / 151)
+    assert train.lr_at(250, short, 999) == 1e-5
+
+
 def test_weight_decay_only_on_matrices():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))
