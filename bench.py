@@ -5,12 +5,14 @@ timed after warm-up (and compilation), on the configured device and dtype.
                                 FLOPs per target token, and an encoder-decoder beside the decoder-only model of its size
     bench_sample(...)        -> prefill ms and tokens/s, decode tokens/s with and without the KV cache
     bench_speculative(...)   -> tokens/s plain and with a draft model, the draft's acceptance, the speed-up
-    compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately
+    compare_with_nanogpt(..) -> the same figures side by side with Karpathy's nanoGPT, run alternately; with
+                                quality, both tools' val loss curves and their training time to nanoGPT's final loss
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import pickle
@@ -35,10 +37,11 @@ from batches import BatchSource, batch_source, positions_per_example
 from encoder_decoder import build_model
 from model import GPT, GPTConfig
 from pairs import is_pairs
-from dataset_format import read_meta
 from errors import UserError
+from dataset_format import read_meta
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
 import sample
+from plots import read_metrics, run_curves
 from sample import LoadedRun, decode_cache, decode_steps
 
 
@@ -323,6 +326,14 @@ CASES = {
     "sample": Case("sample, baby GPT", "config/shakespeare_char.toml", ("run.device=cpu",), 5.0),
 }
 
+# --quality: both tools evaluate this often, so time to a loss is known to within this many steps
+QUALITY_EVAL_INTERVAL = 100
+# ours, by default: nanoGPT's own block (AdamW), then our best preset at its shapes
+QUALITY_CONFIGS = ("config/shakespeare_char_cpu.toml", "config/shakespeare_char_cpu_fast.toml")
+# what a quality config must share with nanoGPT's run; how the model is built and trained may differ
+QUALITY_SHAPES = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "data.dir",
+                  "train.batch_size", "train.grad_accum", "train.max_iters", "train.eval_iters")
+
 _ITER_LINE = re.compile(r"^iter (\d+): loss [^,\s]+, time ([\d.]+)ms", re.M)
 _EVAL_LINE = re.compile(r"^step (\d+): train loss [^,\s]+, val loss ([^,\s]+)", re.M)
 
@@ -332,10 +343,39 @@ def parse_nanogpt_iter_ms(text: str) -> dict[int, float]:
     return {int(m[1]): float(m[2]) for m in _ITER_LINE.finditer(text)}
 
 
-def parse_nanogpt_val_loss(text: str) -> float | None:
-    """The last val loss of nanoGPT's `step 2000: train loss 1.7610, val loss 1.8835` lines; None if there is none."""
-    evals = _EVAL_LINE.findall(text)
-    return float(evals[-1][1]) if evals else None
+def parse_nanogpt_val_losses(text: str) -> dict[int, float]:
+    """{step: val loss} from nanoGPT's `step 2000: train loss 1.7610, val loss 1.8835` lines."""
+    return {int(step): float(loss) for step, loss in _EVAL_LINE.findall(text)}
+
+
+def nanogpt_train_seconds(iter_ms: dict[int, float], eval_steps: Iterable[int]) -> dict[int, float]:
+    """{step: seconds of training before the evaluation at that step}, evaluations not counted, from nanoGPT's
+    per-iteration times (--log_interval=1). nanoGPT evaluates, and saves its checkpoint, at the start of an
+    iteration, and the time it prints for that iteration holds both: that time is replaced by the median time of
+    the iterations after it up to the next evaluation. Iteration 0 loses its warm-up with it, in nanoGPT's favour."""
+    evals = sorted(eval_steps)
+    missing = [i for i in range(evals[-1]) if i not in iter_ms]
+    if missing:
+        raise UserError(f"nanoGPT's train.py printed no `iter {missing[0]}: loss L, time T ms` line: is it nanoGPT?")
+    ms = [iter_ms[i] for i in range(evals[-1])]
+    for start, end in zip(evals, evals[1:]):
+        ms[start] = statistics.median(ms[start + 1:end])
+    elapsed = [0.0, *itertools.accumulate(ms)]  # elapsed[n]: the first n iterations
+    return {step: elapsed[step] / 1000 for step in evals}
+
+
+def minigpt_val_curve(run_dir: Path) -> list[list[float]]:
+    """[step, training seconds, val loss] per evaluation of one of our runs: the seconds are the elapsed_s of the
+    step's progress record (evaluations not counted)."""
+    _, evals = read_metrics(run_dir)
+    curves = run_curves(run_dir, "time")
+    return [[r["step"], float(t), float(v)] for r, t, v in zip(evals, curves.val_x, curves.val_loss)]
+
+
+def time_to_loss(curve: Iterable[Sequence[float]], target: float) -> dict | None:
+    """The first evaluation of a [step, seconds, val loss] curve at or below target, as {"step", "train_s"}; None
+    if the curve never gets there."""
+    return next(({"step": step, "train_s": t} for step, t, val in curve if val <= target), None)
 
 
 def tokens_per_s_from_runs(new_tokens: int, seconds: float, seconds_one: float) -> float:
@@ -491,49 +531,101 @@ def _shapes(cfg: train.Config, sampling: str = "") -> str:
     return f"{model}, batch {cfg.train.batch_size * cfg.train.grad_accum}, dropout {m.dropout:g}"
 
 
-def compare_quality(nanogpt_dir: Path, config: str, overrides: list[str], cfg: train.Config, tmp: Path,
+def _setting(cfg: train.Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_quality_config(cfg: train.Config, nanogpt_cfg: train.Config, name: str) -> None:
+    """A quality config may build and train its model its own way, but at nanoGPT's shapes, data and budget."""
+    differs = [f"{key} = {_setting(cfg, key)!r} (nanoGPT's run: {_setting(nanogpt_cfg, key)!r})"
+               for key in QUALITY_SHAPES if _setting(cfg, key) != _setting(nanogpt_cfg, key)]
+    if differs:
+        raise UserError(f"--quality compares at nanoGPT's shapes and budget, and {name} has {', '.join(differs)}: "
+                        "--set them equal or pick another --quality-config")
+    if cfg.run.device != "cpu":
+        raise UserError(f"the comparison runs on the CPU, as nanoGPT is run there; {name} has run.device = "
+                        f"{cfg.run.device!r}: --set run.device=cpu")
+
+
+def repo_name(path: Path) -> str:
+    """A config's path as the commands and docs write it: relative to the repository when inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def compare_quality(nanogpt_dir: Path, cfg: train.Config, configs: Sequence[Path], overrides: list[str], tmp: Path,
                     log: Callable[[str], None]) -> dict:
-    """Both trained for train.max_iters steps at the same shapes and schedule; the val loss each reports at the end
-    (over train.eval_iters batches, for both)."""
-    steps = cfg.train.max_iters
+    """nanoGPT at the shapes and schedule of `cfg`, then each of our `configs`, for train.max_iters steps, evaluated
+    every QUALITY_EVAL_INTERVAL steps (over train.eval_iters batches, for both): each tool's val loss curve, and the
+    training time (evaluations not counted) at which it first reaches nanoGPT's final val loss."""
+    steps, every = cfg.train.max_iters, QUALITY_EVAL_INTERVAL
     their_cmd = nanogpt_train_command(cfg, [f"--max_iters={steps}", f"--lr_decay_iters={steps}",
-                                            f"--eval_interval={steps}", f"--eval_iters={cfg.train.eval_iters}",
-                                            f"--log_interval={steps}", f"--out_dir={tmp / 'nanogpt-quality'}"])
-    # evaluating only at the end, as nanoGPT does here, saves minutes and changes no step
-    our_args = ["train", config, *_set_args(overrides), "--set", f"train.eval_interval={steps}",
-                "--set", f"run.out_dir={tmp / 'minigpt-quality'}"]
-    log(f"[quality] nanoGPT train.py: {steps} steps")
-    theirs = parse_nanogpt_val_loss(run_process(their_cmd, nanogpt_dir, "nanoGPT's train.py"))
-    if theirs is None:
-        raise UserError("nanoGPT's train.py printed no `step N: train loss A, val loss B` line: is it nanoGPT?")
-    log(f"[quality]   val loss {theirs:.4f}")
-    log(f"[quality] minigpt train: {steps} steps")
-    run_process([sys.executable, "-m", "cli", *our_args], REPO_ROOT, "minigpt train")
-    ours = final_val_loss(tmp / "minigpt-quality" / "metrics.jsonl")
-    if ours is None:
-        raise UserError("minigpt train recorded no val_loss in metrics.jsonl")
-    log(f"[quality]   val loss {ours:.4f}")
-    return {"steps": steps, "minigpt_val_loss": ours, "nanogpt_val_loss": theirs,
-            "commands": {"nanogpt": shlex.join(their_cmd),
-                         "minigpt": shlex.join([sys.executable, "-m", "cli", *our_args])}}
+                                            f"--eval_interval={every}", f"--eval_iters={cfg.train.eval_iters}",
+                                            "--log_interval=1", f"--out_dir={tmp / 'nanogpt-quality'}"])
+    log(f"[quality] nanoGPT train.py: {steps} steps, evaluated every {every}")
+    out = run_process(their_cmd, nanogpt_dir, "nanoGPT's train.py")
+    val = parse_nanogpt_val_losses(out)
+    if steps not in val:
+        raise UserError(f"nanoGPT's train.py printed no `step {steps}: train loss A, val loss B` line: is it nanoGPT?")
+    seconds = nanogpt_train_seconds(parse_nanogpt_iter_ms(out), val)
+    target = val[steps]
+    curve = [[step, seconds[step], val[step]] for step in sorted(val)]
+    theirs = {"val_loss": target, "curve": curve, "time_to_target": time_to_loss(curve, target),
+              "command": shlex.join(their_cmd)}
+    log(f"[quality]   val loss {target:.4f} after {seconds[steps]:.1f} s of training")
+    ours = {}
+    for i, path in enumerate(configs):
+        name, out_dir = repo_name(path), tmp / f"minigpt-quality-{i}"
+        args = ["train", str(path), *_set_args(overrides), "--set", f"train.eval_interval={every}",
+                "--set", "log.plot=false", "--set", f"run.out_dir={out_dir}"]
+        log(f"[quality] minigpt train {name}: {steps} steps, evaluated every {every}")
+        run_process([sys.executable, "-m", "cli", *args], REPO_ROOT, "minigpt train")
+        curve = minigpt_val_curve(out_dir)
+        if not curve or curve[-1][0] != steps:
+            raise UserError(f"minigpt train {name} recorded no val_loss at step {steps} in metrics.jsonl")
+        reached = time_to_loss(curve, target)  # nanoGPT's own curve always reaches its final loss
+        ratio = theirs["time_to_target"]["train_s"] / reached["train_s"] if reached else None
+        ours[name] = {"val_loss": curve[-1][2], "curve": curve, "time_to_target": reached, "sooner": ratio,
+                      "command": shlex.join([sys.executable, "-m", "cli", *args])}
+        log(f"[quality]   val loss {curve[-1][2]:.4f} after {curve[-1][1]:.1f} s of training")
+    return {"steps": steps, "eval_interval": every, "eval_iters": cfg.train.eval_iters, "target_val_loss": target,
+            "nanogpt": theirs, "minigpt": ours}
+
+
+def check_quality(load_config: Callable[[Path, list[str]], train.Config], configs: Sequence[Path],
+                  overrides: Sequence[str]) -> None:
+    """What --quality would refuse after minutes of timing, refused first: configs at other shapes than nanoGPT's
+    run (the CPU case), a budget the evaluations do not end on, no data."""
+    sets = [*CASES["cpu"].overrides, *overrides]
+    nanogpt_cfg = load_config(REPO_ROOT / CASES["cpu"].config, sets)
+    for path in configs:
+        check_quality_config(load_config(path, sets), nanogpt_cfg, repo_name(path))
+    steps = nanogpt_cfg.train.max_iters
+    if steps % QUALITY_EVAL_INTERVAL:
+        raise UserError(f"--quality evaluates every {QUALITY_EVAL_INTERVAL} steps and compares the last evaluation: "
+                        f"train.max_iters must be a multiple of it, got {steps}")
+    data_dir = REPO_ROOT / nanogpt_cfg.data.dir
+    if not (data_dir / "meta.json").exists():
+        raise UserError(f"--quality trains on real data, and {data_dir} has none: run "
+                        "`minigpt prepare shakespeare --tokenizer char` in the repository first")
 
 
 def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[str]], train.Config],
                          cases: Iterable[str] = tuple(CASES), repeats: int = 1, steps: dict[str, int] | None = None,
                          warmup: int | None = None, new_tokens: int = 500, quality: bool = False,
                          input_path: Path | None = None, overrides: Sequence[str] = (),
+                         quality_configs: Sequence[Path] = (),
                          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Speed of minigpt and nanoGPT at the same shapes, each case run `repeats` times per tool, alternately, with
     medians and the ratio minigpt / nanoGPT. `load_config(path, overrides)` resolves one of our TOML configs.
-    `steps` sets timed steps per training case ({"cpu": 100}); `quality` also trains both for the CPU case's
-    train.max_iters steps and compares the final val loss."""
+    `steps` sets timed steps per training case ({"cpu": 100}); `quality` also trains nanoGPT at the CPU case's
+    shapes for its train.max_iters steps, then each of our `quality_configs` (QUALITY_CONFIGS by default) at those
+    shapes, and compares their val loss curves (see compare_quality)."""
     nanogpt_dir = Path(nanogpt_dir).resolve()
     check_nanogpt_dir(nanogpt_dir)
+    quality_configs = [Path(p).resolve() for p in quality_configs or [REPO_ROOT / c for c in QUALITY_CONFIGS]]
     if quality:  # before minutes of timing, not after them
-        data_dir = load_config(REPO_ROOT / CASES["cpu"].config, [*CASES["cpu"].overrides, *overrides]).data.dir
-        if not (REPO_ROOT / data_dir / "meta.json").exists():
-            raise UserError(f"--quality trains on real data, and {REPO_ROOT / data_dir} has none: run "
-                            "`minigpt prepare shakespeare --tokenizer char` in the repository first")
+        check_quality(load_config, quality_configs, overrides)
     ensure_nanogpt_data(nanogpt_dir, input_path, log)
     result = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "nanogpt_dir": str(nanogpt_dir),
               "minigpt_dir": str(REPO_ROOT),
@@ -591,7 +683,7 @@ def compare_with_nanogpt(nanogpt_dir: Path, load_config: Callable[[Path, list[st
                 "commands": commands,
             }
             if name == "cpu" and quality:
-                result["quality"] = compare_quality(nanogpt_dir, case.config, sets, cfg, tmp, log)
+                result["quality"] = compare_quality(nanogpt_dir, cfg, quality_configs, sets, tmp, log)
     return result
 
 
@@ -606,14 +698,10 @@ def format_comparison(result: dict) -> str:
         met = "met" if c["ratio"] >= c["target"] else "MISSED"
         rows.append((c["title"], f"{c['minigpt']['tokens_per_s']:,.1f}", f"{c['nanogpt']['tokens_per_s']:,.1f}",
                      f"{c['ratio']:.2f}x", f">= {c['target']:g}x {met}"))
-    if q := result.get("quality"):
-        rows.append((f"val loss after {q['steps']} steps, CPU shapes", f"{q['minigpt_val_loss']:.4f}",
-                     f"{q['nanogpt_val_loss']:.4f}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [f"minigpt vs nanoGPT, {result['date']}, {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
-             f"median of {result['repeats']} run(s) per tool, alternating", ""]
-    lines += ["  ".join(v.ljust(w) if i in (0, 4) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-              for r in rows]
+             f"median of {result['repeats']} run(s) per tool, alternating", "", *_aligned(rows, left=(0, 4))]
+    if q := result.get("quality"):
+        lines += ["", *format_quality(q)]
     lines += ["", "shapes (the same for both):"]
     lines += [f"  {name}: {c['shapes']}; minigpt {c['minigpt']['dtype']}"
               f"{' (compiled)' if c['minigpt'].get('compile') else ''}, nanoGPT {c['nanogpt']['dtype']}"
@@ -622,7 +710,8 @@ def format_comparison(result: dict) -> str:
     for name, c in result["cases"].items():
         lines += [f"  {name} {_WHO[who]}: {cmd}" for who, cmd in c["commands"].items()]
     if q:
-        lines += [f"  quality {_WHO[who]}: {cmd}" for who, cmd in q["commands"].items()]
+        lines.append(f"  quality nanoGPT: {q['nanogpt']['command']}")
+        lines += [f"  quality minigpt {name}: {r['command']}" for name, r in q["minigpt"].items()]
     lines += ["", "how:"]
     if {"cpu", "baby"} & result["cases"].keys():
         lines.append("  training: ms/step is the mean over the timed steps after warm-up, for both: nanoGPT's from "
@@ -635,7 +724,45 @@ def format_comparison(result: dict) -> str:
                      f"new tokens and for 1, and its tokens/s is ({n} - 1) / (t{n} - t1), which takes out start-up "
                      f"and loading. minigpt's is decode tokens/s with the KV cache (bench sample, best of 3); without "
                      f"the cache it decoded {our['decode_tokens_per_s_no_cache']:,.1f} tokens/s.")
+    if q:
+        lines.append(f"  quality: both train {q['steps']} steps at the CPU case's shapes, each with its own config, "
+                     f"and evaluate every {q['eval_interval']} steps over {q['eval_iters']} batches per split. Time "
+                     "to loss is the training time, evaluations not counted, at the first evaluation at or below "
+                     "nanoGPT's final val loss; 'sooner' is nanoGPT's time over ours. minigpt's is the elapsed_s "
+                     "it records (its clock stops for evaluations and their checkpoints). nanoGPT's is the sum of "
+                     "the per-iteration times it prints (--log_interval=1), where an iteration that opens with an "
+                     "evaluation (and a checkpoint) counts as the median of the iterations after it up to the next "
+                     "one; iteration 0 thus also loses its warm-up, in nanoGPT's favour.")
     return "\n".join(lines)
+
+
+def format_quality(q: dict) -> list[str]:
+    """Lines of the --quality comparison: each tool's final val loss and time to nanoGPT's final val loss, then
+    their val loss at ten points of the run."""
+    target = q["target_val_loss"]
+    runs = {"nanoGPT": q["nanogpt"], **{f"minigpt {name}": r for name, r in q["minigpt"].items()}}
+
+    def reached(r: dict) -> str:
+        t = r["time_to_target"]
+        return f"step {t['step']}, {t['train_s']:.1f} s" if t else "not reached"
+
+    rows = [(f"val loss, {q['steps']} steps at the CPU shapes", "final", f"first <= {target:.4f}", "sooner")]
+    rows += [(who, f"{r['val_loss']:.4f}", reached(r), f"{r['sooner']:.2f}x" if r.get("sooner") else "")
+             for who, r in runs.items()]
+    points = [step for step in range(q["steps"] // 10, q["steps"] + 1, q["steps"] // 10)
+              if step % q["eval_interval"] == 0]
+    curves = [("val loss at step", *map(str, points))]
+    curves += [(who, *(f"{dict((c[0], c[2]) for c in r['curve'])[step]:.3f}" for step in points))
+               for who, r in runs.items()]
+    return [*_aligned(rows, left=(0,)), "", *_aligned(curves, left=(0,))]
+
+
+def _aligned(rows: Sequence[Sequence[str]], left: Iterable[int]) -> list[str]:
+    """Columns padded to their widest cell: the `left` ones left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    left = set(left)
+    return ["  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,45 +837,52 @@ def tiktoken_batch_baseline(files: Sequence[Path], threads: int, batch_bytes: in
     return {"seconds": time.perf_counter() - t0, "tokens": tokens, "bytes": nbytes}
 
 
-def bench_prepare(folder: Path, workers: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+def bench_prepare(folder: Path, workers: int | None = None, repeats: int = 1,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
     """`minigpt prepare FOLDER --tokenizer gpt2` (a folder of .txt documents) against tiktoken's
-    encode_ordinary_batch on all cores over the same documents, in the same run: MB/s of each and their ratio, the
-    token counts (ours: tiktoken's plus one eot per document), and prepare's peak RSS summed over its processes."""
-    import prepare_data
-
+    encode_ordinary_batch on all cores over the same documents, in the same run, alternately `repeats` times: the
+    median MB/s of each and their ratio, the token counts (ours: tiktoken's plus one eot per document), and
+    prepare's peak RSS summed over its processes."""
     files = sorted(p for p in Path(folder).glob("*.txt") if p.is_file())
     if not files:
         raise UserError(f"{folder} holds no .txt files; make a corpus with `minigpt bench prepare {folder} --generate-mb N`")
+    import prepare_data
+
     cores = prepare_data.default_workers()
     log(f"[prepare] warming the page cache over {len(files)} files")
     for f in files:
         f.read_bytes()
-    log(f"[prepare] tiktoken encode_ordinary_batch, {cores} threads")
-    theirs = tiktoken_batch_baseline(files, cores)
+    ours, theirs = [], []
     with tempfile.TemporaryDirectory(prefix="minigpt-bench-prepare-") as tmp:
         cmd = [sys.executable, "-m", "cli", "prepare", str(Path(folder).resolve()), "--tokenizer", "gpt2",
-               "--out", str(Path(tmp) / "out")] + (["--workers", str(workers)] if workers else [])
-        log(f"[prepare] {shlex.join(cmd[2:])}")
-        seconds, peak, _ = run_with_peak_rss(cmd, REPO_ROOT)
+               "--out", str(Path(tmp) / "out"), "--force"] + (["--workers", str(workers)] if workers else [])
+        for r in range(repeats):
+            log(f"[prepare {r + 1}/{repeats}] tiktoken encode_ordinary_batch, {cores} threads")
+            theirs.append(tiktoken_batch_baseline(files, cores))
+            log(f"[prepare {r + 1}/{repeats}] {shlex.join(cmd[2:])}")
+            seconds, peak, _ = run_with_peak_rss(cmd, REPO_ROOT)
+            ours.append({"seconds": seconds, "peak_rss_mb": peak / 1e6})
         meta = read_meta(Path(tmp) / "out")
-    nbytes = theirs["bytes"]
+    nbytes = theirs[0]["bytes"]
+    our_s, their_s = statistics.median(r["seconds"] for r in ours), statistics.median(r["seconds"] for r in theirs)
     ours_tokens = meta["train_tokens"] + meta["val_tokens"]
     return {
         "corpus": {"folder": str(folder), "documents": len(files), "bytes": nbytes},
         "machine": {"cpus": cores, "python": sys.version.split()[0]},
-        "minigpt": {"seconds": seconds, "mb_per_s": nbytes / 1e6 / seconds, "tokens": ours_tokens,
-                    "peak_rss_mb": peak / 1e6, "workers": workers or cores},
-        "tiktoken": {"seconds": theirs["seconds"], "mb_per_s": nbytes / 1e6 / theirs["seconds"],
-                     "tokens": theirs["tokens"], "threads": cores},
-        "ratio": theirs["seconds"] / seconds,
-        "tokens_match": ours_tokens == theirs["tokens"] + len(files),
+        "repeats": repeats,
+        "minigpt": {"seconds": our_s, "mb_per_s": nbytes / 1e6 / our_s, "tokens": ours_tokens,
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in ours), "workers": workers or cores, "runs": ours},
+        "tiktoken": {"seconds": their_s, "mb_per_s": nbytes / 1e6 / their_s, "tokens": theirs[0]["tokens"],
+                     "threads": cores, "runs": theirs},
+        "ratio": their_s / our_s,
+        "tokens_match": ours_tokens == theirs[0]["tokens"] + len(files),
     }
 
 
 def format_prepare(result: dict) -> str:
     m, t = result["minigpt"], result["tiktoken"]
     return (f"corpus: {result['corpus']['documents']:,} documents, {result['corpus']['bytes'] / 1e6:,.0f} MB; "
-            f"{result['machine']['cpus']} cores\n"
+            f"{result['machine']['cpus']} cores; median of {result['repeats']} run(s) each, alternating\n"
             f"minigpt prepare: {m['seconds']:7.1f} s  {m['mb_per_s']:6.1f} MB/s  {m['tokens']:,} tokens  "
             f"peak RSS {m['peak_rss_mb']:,.0f} MB over all its processes ({m['workers']} workers)\n"
             f"tiktoken batch:  {t['seconds']:7.1f} s  {t['mb_per_s']:6.1f} MB/s  {t['tokens']:,} tokens "

@@ -509,6 +509,7 @@ def bench_prepare(
     input: Optional[Path] = typer.Option(None, "--input", help="the text --generate-mb copies (default: the "
                                          "tiny-Shakespeare corpus, downloaded once)"),
     workers: Optional[int] = typer.Option(None, help="prepare's --workers (default: one per core)"),
+    repeats: int = typer.Option(1, help="runs of each, alternating; the medians are compared"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """`minigpt prepare FOLDER --tokenizer gpt2` against tiktoken's own encode_ordinary_batch on all cores over the
@@ -517,12 +518,15 @@ def bench_prepare(
 
     import bench
     import sources
+    from errors import UserError
 
     if generate_mb is not None:
         text = sources.shakespeare_file(input, sources.DATA_ROOT, lambda s: typer.echo(s, err=True))
         n = bench.write_repeated_corpus(folder, text, generate_mb * 10**6)
         typer.echo(f"{folder}: {n} documents", err=True)
-    result = bench.bench_prepare(folder, workers, log=lambda s: typer.echo(s, err=True))
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    result = bench.bench_prepare(folder, workers, repeats, log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(result, indent=2) if as_json else bench.format_prepare(result))
 
 
@@ -610,8 +614,14 @@ def bench_nanogpt(
     warmup: Optional[int] = typer.Option(None, help="untimed steps first, for both tools (by default 10 for cpu, "
                                          "1 for baby)"),
     new_tokens: int = typer.Option(500, help="tokens to sample in the sample case"),
-    quality: bool = typer.Option(False, "--quality", help="also train both for 2000 steps at the CPU shapes and "
-                                 "compare their val loss (slow: several minutes each)"),
+    quality: bool = typer.Option(False, "--quality", help="also train both for 2000 steps at the CPU shapes, "
+                                 "evaluating every 100, and compare their val loss curves and time to nanoGPT's final "
+                                 "val loss (slow: minutes per run)"),
+    quality_config: List[Path] = typer.Option([], "--quality-config", help="our config for --quality, at nanoGPT's "
+                                              "CPU shapes (repeatable); by default config/shakespeare_char_cpu.toml "
+                                              "and config/shakespeare_char_cpu_fast.toml"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="with --quality: draw both tools' val loss curves "
+                                        "into this .png or .svg"),
     input: Optional[Path] = typer.Option(None, "--input", help="a local tiny-Shakespeare for nanoGPT's prepare.py, "
                                          "if its data is not prepared yet"),
     set_: List[str] = typer.Option([], "--set", help="override a key of our configs; nanoGPT gets the same shapes"),
@@ -623,6 +633,7 @@ def bench_nanogpt(
     from errors import UserError
 
     import bench
+    import plots
     import train as trainer
 
     unknown = [c for c in case if c not in bench.CASES]
@@ -637,6 +648,15 @@ def bench_nanogpt(
             raise UserError(f"{option} must be >= {least}, got {value}")
     if quality and "cpu" not in cases:
         raise UserError("--quality trains at the CPU shapes: include --case cpu")
+    if quality_config and not quality:
+        raise UserError("--quality-config picks our configs for --quality: add --quality")
+    missing = [str(p) for p in quality_config if not p.is_file()]
+    if missing:
+        raise UserError(f"--quality-config {missing[0]} is not a file")
+    if plot is not None:
+        if not quality:
+            raise UserError("--plot draws the val loss curves of --quality: add --quality")
+        plots.check_out(plot, "--plot")  # a bad path refused now, not after minutes of training
     if input is not None and not input.is_file():
         raise UserError(f"--input {input} is not a file")
 
@@ -644,5 +664,8 @@ def bench_nanogpt(
         return config_from(path, overrides)[0]
 
     result = bench.compare_with_nanogpt(nanogpt_dir, load, cases, repeats, {"cpu": steps, "baby": baby_steps}, warmup,
-                                        new_tokens, quality, input, set_, log=lambda s: typer.echo(s, err=True))
+                                        new_tokens, quality, input, set_, quality_config,
+                                        log=lambda s: typer.echo(s, err=True))
+    if plot is not None:
+        plots.plot_quality(result["quality"], plot)
     typer.echo(json.dumps(result) if as_json else bench.format_comparison(result))

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import bench
+import plots
 import runtime
 import train
 from cli.main import app
@@ -299,20 +300,50 @@ def fake_nanogpt(tmp_path):
 
 def test_nanogpt_output_parsers():
     assert bench.parse_nanogpt_iter_ms(NANOGPT_LOG) == {0: 7122.05, 1: 117.43, 5: 169.28, 2000: 1104.73}
-    assert bench.parse_nanogpt_val_loss(NANOGPT_LOG) == 1.8835
-    assert bench.parse_nanogpt_val_loss("iter 0: loss 4.1828, time 7122.05ms, mfu -100.00%\n") is None
+    assert bench.parse_nanogpt_val_losses(NANOGPT_LOG) == {0: 4.1649, 2000: 1.8835}
+    assert bench.parse_nanogpt_val_losses("iter 0: loss 4.1828, time 7122.05ms, mfu -100.00%\n") == {}
     assert bench.tokens_per_s_from_runs(500, 12.0, 2.02) == pytest.approx(499 / 9.98)
     with pytest.raises(bench.UserError, match="too busy"):
         bench.tokens_per_s_from_runs(500, 2.0, 2.1)
 
 
+def test_nanogpt_train_seconds_leave_evaluations_out():
+    # evaluations at 0, 3 and 6: iterations 0 and 3 hold one (and iteration 0 its warm-up); each counts as the
+    # median of the iterations after it up to the next evaluation, (1, 2) and (4, 5)
+    ms = {0: 9000.0, 1: 10.0, 2: 30.0, 3: 5000.0, 4: 40.0, 5: 60.0, 6: 7000.0, 7: 99.0}
+    seconds = bench.nanogpt_train_seconds(ms, [3, 0, 6])
+    assert seconds == pytest.approx({0: 0.0, 3: (20 + 10 + 30) / 1000, 6: (60 + 50 + 40 + 60) / 1000})
+    with pytest.raises(bench.UserError, match="printed no `iter 4: "):
+        bench.nanogpt_train_seconds({i: 10.0 for i in range(6) if i != 4}, [0, 3, 6])
+
+
+def test_time_to_loss_is_the_first_evaluation_at_or_below_it():
+    curve = [[0, 0.0, 4.2], [100, 3.0, 2.5], [200, 6.5, 1.89], [300, 9.0, 1.95], [400, 12.0, 1.80]]
+    assert bench.time_to_loss(curve, 1.89) == {"step": 200, "train_s": 6.5}  # equal counts as reached
+    assert bench.time_to_loss(curve, 1.5) is None
+
+
+def test_minigpt_val_curve_takes_training_time_from_progress_records(tmp_path):
+    records = [{"step": 10, "loss": 3.0, "tokens_seen": 100, "elapsed_s": 1.0},
+               {"step": 20, "loss": 2.5, "tokens_seen": 200, "elapsed_s": 2.5},
+               {"step": 20, "train_loss": 2.4, "val_loss": 2.6, "best_val_loss": 2.6},
+               {"step": 30, "loss": 2.2, "tokens_seen": 300, "elapsed_s": 3.5},
+               {"step": 40, "loss": 2.0, "tokens_seen": 400, "elapsed_s": 4.0},
+               {"step": 40, "train_loss": 2.0, "val_loss": 2.1, "best_val_loss": 2.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.minigpt_val_curve(tmp_path) == [[20, 2.5, 2.6], [40, 4.0, 2.1]]
+
+
 @pytest.mark.once
-def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path):
+def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "QUALITY_EVAL_INTERVAL", 2)  # 4 steps: evaluations at 2 and 4 (and nanoGPT's 0)
     r = CliRunner().invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "sample", "--case", "cpu",
                                  "--quality", "--input", str(corpus_path), "--steps", "3", "--warmup", "2",
                                  "--new-tokens", "20", "--set", f"data.dir={char_data}", *TINY,
-                                 "--set", "train.max_iters=4", "--set", "train.eval_iters=2", "--json"])
+                                 "--set", "train.max_iters=4", "--set", "train.eval_iters=2",
+                                 "--plot", str(tmp_path / "quality.svg"), "--json"])
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "quality.svg").read_text().startswith("<?xml")
     result = json.loads(r.stdout)
     data = fake_nanogpt / "data" / "shakespeare_char"
     assert (data / "input.txt").read_text() == corpus_path.read_text()  # --input went to nanoGPT's prepare.py
@@ -335,8 +366,18 @@ def test_cli_bench_nanogpt_side_by_side(fake_nanogpt, char_data, corpus_path):
     assert (ours["prompt_len"], ours["new_tokens"]) == (1, 20)
     assert sample["ratio"] == pytest.approx(ours["decode_tokens_per_s"] / sample["nanogpt"]["tokens_per_s"])
     quality = result["quality"]
-    assert quality["steps"] == 4 and quality["nanogpt_val_loss"] == 3.996  # the fake's last `val loss` line
-    assert 0 < quality["minigpt_val_loss"] < 6
+    assert quality["steps"] == 4 and quality["target_val_loss"] == 3.996  # the fake's last `val loss` line
+    # iterations 0 to 3 take 5000, 21, 24, 29 ms; 0 and 2 hold evaluations and count as 21 and 29 (see above)
+    theirs = quality["nanogpt"]
+    assert theirs["curve"] == [[0, 0.0, 4.0], [2, pytest.approx(0.042), 3.998], [4, pytest.approx(0.1), 3.996]]
+    assert theirs["time_to_target"] == {"step": 4, "train_s": pytest.approx(0.1)}
+    assert "--eval_interval=2" in theirs["command"].split() and "--log_interval=1" in theirs["command"].split()
+    assert list(quality["minigpt"]) == list(bench.QUALITY_CONFIGS)
+    for ours in quality["minigpt"].values():
+        assert [step for step, _, _ in ours["curve"]] == [2, 4] and 0 < ours["curve"][0][1] < ours["curve"][1][1]
+        assert ours["val_loss"] == ours["curve"][-1][2] and 0 < ours["val_loss"] < 6
+        reached = ours["time_to_target"]
+        assert ours["sooner"] == (pytest.approx(0.1 / reached["train_s"]) if reached else None)
     assert "[cpu 1/1] nanoGPT" in r.stderr and "[sample 1/1] minigpt" in r.stderr  # progress
 
 
@@ -354,6 +395,43 @@ def test_format_comparison_table():
     assert "  cpu: 4 layers; minigpt float32, nanoGPT float32" in table
     result["cases"]["cpu"]["minigpt"]["compile"] = True  # --set run.compile=true on our side says so
     assert "  cpu: 4 layers; minigpt float32 (compiled), nanoGPT float32" in bench.format_comparison(result)
+
+
+def quality_result() -> dict:
+    """compare_quality's result for 1000 steps: nanoGPT reaches its final 2.0 at 100 s, ours 1.9 at 15 s."""
+    def run(curve: list, reached: dict, sooner: float | None = None) -> dict:
+        return {"val_loss": curve[-1][2], "curve": curve, "time_to_target": reached, "sooner": sooner,
+                "command": "python train.py"}
+
+    steps = range(100, 1001, 100)
+    return {"steps": 1000, "eval_interval": 100, "eval_iters": 200, "target_val_loss": 1.9,
+            "nanogpt": run([[0, 0.0, 4.2], *([s, s / 10, 3 - s / 1000] for s in steps)],
+                           {"step": 1000, "train_s": 100.0}),
+            "minigpt": {"config/fast.toml": run([[s, s / 40, 2.5 - s / 1000] for s in steps],
+                                                {"step": 600, "train_s": 15.0}, 100 / 15)}}
+
+
+def test_format_comparison_quality():
+    quality, steps = quality_result(), range(100, 1001, 100)
+    result = {"date": "2026-11-29T12:00:00+00:00", "machine": {"cpus": 2, "torch": "2.13.0", "python": "3.11.7"},
+              "repeats": 1, "minigpt_dir": "/m", "nanogpt_dir": "/n", "cases": {}, "quality": quality}
+    table = bench.format_comparison(result).splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("val loss, 1000 steps at the CPU shapes"))
+    assert table[head].split()[-5:] == ["final", "first", "<=", "1.9000", "sooner"]
+    assert table[head + 1].split() == ["nanoGPT", "2.0000", "step", "1000,", "100.0", "s"]
+    assert table[head + 2].split() == ["minigpt", "config/fast.toml", "1.5000", "step", "600,", "15.0", "s", "6.67x"]
+    assert table[head + 4].split() == ["val", "loss", "at", "step", *map(str, steps)]
+    assert table[head + 6].split()[2:5] == ["2.400", "2.300", "2.200"]
+    assert "  quality minigpt config/fast.toml: python train.py" in table
+    quality["minigpt"]["config/fast.toml"]["time_to_target"] = None
+    assert "not reached" in bench.format_comparison(result)
+
+
+def test_plot_quality_draws_both_tools(tmp_path):
+    out = plots.plot_quality(quality_result(), tmp_path / "quality.png")
+    assert out.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(bench.UserError, match=r"^--plot .*quality.jpg: the suffix picks the format"):
+        plots.plot_quality(quality_result(), tmp_path / "quality.jpg")
 
 
 def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
@@ -380,11 +458,43 @@ def test_cli_bench_nanogpt_bad_input(fake_nanogpt, tmp_path, monkeypatch):
                           (["--set", "model.norm=rmsnorm"], "model.norm = 'rmsnorm', which nanoGPT's model does not")]:
         r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu", *args])
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
-    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality", "--set", "data.dir=data/none"])
-    assert r.exit_code == 2 and r.stderr.startswith("error: --quality trains on real data")
-    assert "[cpu" not in r.stderr  # refused before any timing
+    refused = [(["--set", "data.dir=data/none"], "error: --quality trains on real data"),
+               (["--set", "train.max_iters=250"], "error: --quality evaluates every 100 steps and compares the last "
+                                                  "evaluation: train.max_iters must be a multiple of it, got 250"),
+               (["--quality-config", str(REPO_ROOT / "config" / "shakespeare_char.toml")],
+                "error: --quality compares at nanoGPT's shapes and budget, and config/shakespeare_char.toml has "
+                "model.n_layer = 6 (nanoGPT's run: 4)")]
+    for args, message in refused:  # before any timing
+        r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality", *args])
+        assert r.exit_code == 2 and r.stderr.startswith(message) and "[cpu" not in r.stderr, r.stderr
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality-config", DEBUG])
+    assert r.exit_code == 2 and r.stderr == "error: --quality-config picks our configs for --quality: add --quality\n"
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality", "--quality-config", "nope.toml"])
+    assert r.exit_code == 2 and r.stderr == "error: --quality-config nope.toml is not a file\n"
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--plot", str(tmp_path / "q.png")])
+    assert r.exit_code == 2 and r.stderr == "error: --plot draws the val loss curves of --quality: add --quality\n"
+    r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--quality", "--plot", str(tmp_path / "q.gif")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --plot ") and "[cpu" not in r.stderr
     monkeypatch.setenv("FAKE_FAIL", "1")  # a failing nanoGPT: its last stderr line, in the one error line
     r = runner.invoke(app, ["bench", "nanogpt", str(fake_nanogpt), "--case", "cpu"])
     progress, error = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and progress.startswith("[cpu 1/1] nanoGPT")
     assert error.startswith("error: nanoGPT's train.py failed with exit code 1: RuntimeError: fake nanoGPT ran out")
+
+
+def test_bench_prepare_reports_both_tools_over_the_same_documents(tmp_path, corpus_path, has_gpt2_cache):
+    """`bench prepare` on a small generated folder: its token counts are checked against tiktoken's (plus one eot
+    a document), its memory is a real sample, and the CLI prints the table (figures only, no timing asserted)."""
+    if not has_gpt2_cache:
+        pytest.skip("needs tiktoken's GPT-2 files (TIKTOKEN_CACHE_DIR)")
+    folder = tmp_path / "corpus"
+    n = bench.write_repeated_corpus(folder, corpus_path, 3 * corpus_path.stat().st_size)
+    assert n == 3 and sorted(p.read_bytes() for p in folder.iterdir()) == [corpus_path.read_bytes()] * 3
+    result = bench.bench_prepare(folder, workers=2, repeats=2)
+    assert result["tokens_match"] and result["corpus"]["documents"] == 3
+    assert len(result["minigpt"]["runs"]) == len(result["tiktoken"]["runs"]) == 2
+    assert result["minigpt"]["peak_rss_mb"] > 30 and result["ratio"] > 0
+    out = CliRunner().invoke(app, ["bench", "prepare", str(folder), "--repeats", "0"])
+    assert out.exit_code == 2 and "--repeats must be at least 1" in out.output
+    text = bench.format_prepare(result)
+    assert "tiktoken's + one eot per document: True" in text and "median of 2 run(s)" in text
