@@ -292,3 +292,15 @@ def test_ctrl_c_stops_the_workers_and_leaves_the_old_dataset(tmp_path, docs):
             break
         time.sleep(0.1)
     assert not alive, f"processes left in the group: {alive}"
+
+
+def test_without_the_data_extra_parquet_and_hf_sources_name_it(tmp_path, monkeypatch):
+    import sys
+
+    for name in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match=r"needs pyarrow, which is not installed: pip install 'minigpt\[data\]'"):
+        prep(tmp_path / "a.parquet", tmp_path / "d")
+    with pytest.raises(UserError, match=r"need the `datasets` library.*pip install 'minigpt\[data\]'"):
+        prep("hf:roneneldan/TinyStories", tmp_path / "d")
