@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataset_format import open_split, token_id_error
+from errors import UserError
 from model import GPTConfig
 from pairs import SpecialTokens, open_pairs, special_tokens
-from errors import UserError
-from dataset_format import open_split, token_id_error
 
 Batch = tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]
 

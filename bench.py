@@ -34,11 +34,11 @@ import torch
 
 import train
 from batches import BatchSource, batch_source, positions_per_example
+from dataset_format import read_meta
 from encoder_decoder import build_model
+from errors import UserError
 from model import GPT, GPTConfig
 from pairs import is_pairs
-from errors import UserError
-from dataset_format import read_meta
 from runtime import Runtime, device_peak_flops, parallelize, setup_runtime, wrap_for_training
 import sample
 from plots import read_metrics, run_curves

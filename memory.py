@@ -13,9 +13,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import inspection
+from errors import UserError
 from inspection import DTYPE_BYTES
 from model import GPTConfig
-from errors import UserError
 from runtime import DTYPES, Runtime
 
 if TYPE_CHECKING:

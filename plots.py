@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
 from dataset_format import atomic_write
+from errors import UserError
 
 X_AXES = ("step", "tokens", "time")  # what --x takes: optimizer steps, tokens trained on, training wall time
 FORMATS = {".png": "png", ".svg": "svg"}  # --out's suffix picks the format

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import GPTConfig, alibi_slopes, apply_rope, attention_inputs, rope_angles, sinusoidal_encoding
 from errors import UserError
+from model import GPTConfig, alibi_slopes, apply_rope, attention_inputs, rope_angles, sinusoidal_encoding
 
 MAX_POSITIONS = 1024  # the plots stop here: a 1024 x 1024 picture already has more cells than a screen has pixels
 

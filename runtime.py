@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig
 from errors import UserError
+from model import GPT, GPTConfig
 
 if TYPE_CHECKING:  # for the annotations only: train.py imports this module, not the other way round
     from train import Config, RunConfig

@@ -21,11 +21,11 @@ from checkpoint import (find_checkpoint, load_checkpoint, minigpt_version, unkno
 from beam_search import beam_search
 from cli.config_loader import ConfigError, build_config
 from encoder_decoder import EncoderDecoder, build_model
+from errors import UserError
 from model import GPT, GPTConfig, KVCache
 from pairs import SpecialTokens
-from tokenization import TextStream, Tokenizer, load_tokenizer
-from errors import UserError
 from runtime import Runtime, cpu_has_bf16, resolve_device, setup_runtime
+from tokenization import TextStream, Tokenizer, load_tokenizer
 from train import RunConfig
 
 

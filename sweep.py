@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from plots import flatten, value_text as text
-from errors import UserError
 from dataset_format import atomic_write
+from errors import UserError
+from plots import flatten, value_text as text
 
 SWEEP_KEYS = ("vary", "seeds", "lengths", "rope_scalings", "rope_factor", "max_tokens")  # a [sweep] table's keys
 SET_BY_THE_SWEEP = {  # config keys --vary may not take, and why

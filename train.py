@@ -29,12 +29,12 @@ from checkpoint import (CHECKPOINT_VERSION, FULL_STATE, copy_checkpoint, keep_la
                         new_run_files, remove_run_files, run_lock, save_checkpoint, tidy_run_dir, use_writer,
                         write_config, written_by)
 from cli.config_loader import config_to_dict
+from dataset_format import check_token_ids, read_meta
 from encoder_decoder import CrossAttention, model_flops_per_token
+from errors import UserError
+from memory import BuildMemoryLog, out_of_memory
 from model import Attention, GPTConfig
 from pairs import N_SPECIAL, is_pairs, special_tokens
-from errors import UserError
-from dataset_format import check_token_ids, read_meta
-from memory import BuildMemoryLog, out_of_memory
 from runtime import Runtime, device_peak_flops, gradient_sync, setup_runtime, valid_device, wrap_for_training
 from sharding import build_for_training, load_state, load_weights, shards_model
 

@@ -15,10 +15,10 @@ import torch
 
 from interop.hf_files import (MAX_SHARD_BYTES, Weights, model_folder, read_json, refuse_taken, write_folder,
                               write_weights)
+from errors import UserError
 from interop.hf_models import IGNORED_SUFFIXES, architecture, config_from_hf, export_class, hf_config, hf_weights, links
 from model import GPT, GPTConfig
 from tokenization import Tokenizer, load_tokenizer
-from errors import UserError
 
 IMPORT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPTConfig, sinusoidal_encoding
 from errors import UserError
+from model import GPTConfig, sinusoidal_encoding
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}  # model_type -> the class minigpt imports and exports

@@ -21,9 +21,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokenization import CharTokenizer, TiktokenTokenizer, Tokenizer, gpt2_tokenizer
-from errors import UserError
 from dataset_format import atomic_write
+from errors import UserError
+from tokenization import CharTokenizer, TiktokenTokenizer, Tokenizer, gpt2_tokenizer
 
 HF_EXTRA_HINT = "install the Hugging Face extra: pip install -e '.[hf]'"
 

@@ -11,12 +11,12 @@ import bench
 import plots
 import runtime
 import train
+from batches import positions_per_example
 from cli.main import app
 from conftest import REPO_ROOT, tiny_config
-from batches import positions_per_example
+from dataset_format import read_meta
 from encoder_decoder import build_model, model_flops_per_token
 from model import GPT, GPTConfig
-from dataset_format import read_meta
 
 DEBUG = str(REPO_ROOT / "config" / "debug.toml")
 

@@ -29,8 +29,8 @@ import train
 from cli.config_loader import ConfigError, build_config
 from cli.main import app
 from conftest import REPO_ROOT, read_metrics, tiny_config
-from model import GPT
 from errors import UserError
+from model import GPT
 
 # one intra-op thread: on a small, busy machine several trainers at once would otherwise spin against each other
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

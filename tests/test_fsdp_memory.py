@@ -21,9 +21,9 @@ import memory
 import sharding
 import train
 from encoder_decoder import build_model
+from errors import UserError
 from memory import training_memory
 from model import GPTConfig
-from errors import UserError
 from runtime import Runtime
 from sharding import SeededInit, build_on_meta, parameters_on_meta
 from test_distributed import env, free_port, kill_group, launch

@@ -17,11 +17,11 @@ transformers = pytest.importorskip("transformers")
 # nothing here reads the corpus (GPT-2's tests skip without tiktoken's cache either way): CI's first pass only
 pytestmark = pytest.mark.once
 
+from errors import UserError  # noqa: E402
 from interop.convert import expected_shapes, read_state  # noqa: E402
 from interop.hf_files import Weights, write_weights  # noqa: E402
 from interop.hf_models import config_from_hf, export_class, hf_config, hf_weights  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from errors import UserError  # noqa: E402
 from sample import SampleConfig, generate  # noqa: E402
 
 SHAPES = dict(vocab_size=97)

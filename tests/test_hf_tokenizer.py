@@ -22,9 +22,9 @@ import prepare_data as pd  # noqa: E402
 import sources  # noqa: E402
 import tokenization as tk  # noqa: E402
 import sample  # noqa: E402
+from errors import UserError  # noqa: E402
 from interop import hf_tokenizer as hft  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from errors import UserError  # noqa: E402
 from tokenization import TextStream  # noqa: E402
 
 CORPUS = [

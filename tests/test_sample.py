@@ -9,8 +9,8 @@ import checkpoint
 import sample
 import train
 from conftest import tiny_config
-from model import GPT, GPTConfig
 from errors import UserError
+from model import GPT, GPTConfig
 
 
 def tiny_model(seed=0, **kw) -> GPT:

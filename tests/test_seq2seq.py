@@ -14,11 +14,11 @@ import sample
 import train
 from beam_search import beam_search
 from conftest import read_metrics, tiny_config
+from dataset_format import read_meta
+from errors import UserError
 from model import GPT, GPTConfig
 from pairs import special_tokens
 from prepare_data import prepare
-from errors import UserError
-from dataset_format import read_meta
 
 ARCHS = {
     "encoder_decoder": dict(arch="encoder_decoder", block_size=16, source_block_size=16),

@@ -12,9 +12,9 @@ import sample
 import train
 from cli.main import app
 from conftest import tiny_config
+from errors import UserError
 from model import GPT, GPTConfig
 from pairs import SpecialTokens
-from errors import UserError
 
 
 @pytest.fixture(scope="module")

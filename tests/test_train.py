@@ -11,8 +11,8 @@ import runtime
 import train
 from batches import Batches
 from conftest import read_metrics, tiny_config
-from model import GPT, GPTConfig
 from errors import UserError
+from model import GPT, GPTConfig
 
 
 def test_lr_schedule_endpoints():
