@@ -342,7 +342,7 @@ def tokenizer_sha256(spec: dict) -> str:
 # out of the question. Other tokenizers (a Hugging Face tokenizer may add a prefix space to each text) encode a
 # document whole.
 SAFE_CUT_BYTES = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])|[\x21-\x7e](?= [\x21-\x7e])")
-SAFE_CUT_TEXT = re.compile(r"[\x21-\x7e]\n(?=[\x21-\x7e])|[\x21-\x7e](?= [\x21-\x7e])")
+SAFE_CUT_TEXT = re.compile(SAFE_CUT_BYTES.pattern.decode("ascii"))  # the same cuts in a str
 CHUNK_CHARS = 1 << 20  # ~1 MB pieces for rustbpe's trainer
 
 
