@@ -87,7 +87,7 @@ def finite(x: float) -> float | None:
 class Progress:
     """`label: done/total unit  rate unit/s  ETA` as one `\\r` line on stderr, shown only once the work has taken
     PROGRESS_AFTER_S (a short evaluation prints nothing) and redrawn at most ten times a second.
-    (prepare_data._Progress counts characters in MB/s and decides up front from the input's size.)"""
+    (prepare_data.Progress, a corpus's MB and tokens/s, is rich's bar on a terminal.)"""
 
     def __init__(self, total: int, label: str, unit: str, enabled: bool = True):
         self.total, self.label, self.unit, self.enabled = total, label, unit, enabled

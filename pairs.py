@@ -397,13 +397,6 @@ def is_pairs_source(source: str) -> bool:
     return path.suffix == ".jsonl" and path.is_file() and jsonl_kind(path) == "pairs"
 
 
-def _check_seed(seed) -> int:
-    # >= 0: Python's random.seed takes the absolute value of an int, so -3 would make the same data as 3
-    if not _is_int(seed) or seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {seed!r}; e.g. {DEFAULT_SEED}")
-    return seed
-
-
 def _content_sha256(splits: dict[str, list[tuple[str, str]]]) -> str:
     """A task's identity on disk: the hash of the pairs it generated, so a changed generator is never reused."""
     return hashlib.sha256(json.dumps(splits, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
@@ -478,7 +471,7 @@ def prepare_pairs(
     log = log or log_to_stderr
     t0 = time.perf_counter()
     kind, bpe_vocab_size = prepare_data._check_request(tokenizer, vocab_size, val_fraction)
-    seed = _check_seed(seed)
+    prepare_data.check_count("seed", seed, 0, str(DEFAULT_SEED))
     if source.startswith(TASK_PREFIX):
         import tasks
 

@@ -61,18 +61,19 @@ def encode_task(task, eot: int | None, dtype: np.dtype) -> tuple[np.ndarray, lis
     parts, sizes, ends = [], [], []
     for text, ends_document in task.texts():
         ids = encode_ids(_tokenizer, text)
-        if ends_document and eot is not None:
-            ids = np.append(ids, np.uint32(eot))
         parts.append(ids)
-        sizes.append(len(ids))
+        with_eot = ends_document and eot is not None
+        if with_eot:
+            parts.append(np.array([eot], np.uint32))
+        sizes.append(len(ids) + with_eot)
         ends.append(ends_document)
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)).astype(dtype), sizes, ends
 
 
 def chars_task(task) -> tuple[list[str], list[bool]]:
     """The characters of each piece of a task (a char vocabulary's first pass), and whether it ends a document."""
-    pieces = [("".join(set(text)), ends) for text, ends in task.texts()]
-    return [p for p, _ in pieces], [e for _, e in pieces]
+    pieces = list(task.texts())
+    return ["".join(set(text)) for text, _ in pieces], [ends for _, ends in pieces]
 
 
 class Workers:
@@ -134,7 +135,7 @@ def plan_tasks(corpus: Corpus, val_fraction: float, cut: bool) -> Iterator[Plann
     if not corpus.one_document:
         yield from (Planned(task, None) for task in corpus.tasks(cut))
         return
-    path = corpus.files[0]
+    path = corpus.text_file
     at = split_text(path, val_fraction)
     for split, (start, end) in zip(SPLITS, ((0, at), (at, os.path.getsize(path)))):
         yield from (Planned(task, split) for task in group_spans(file_spans(path, start, end, cut, False)))
@@ -292,7 +293,9 @@ def encode_corpus(writer: DatasetWriter, plan: Iterator[Planned], tok: Tokenizer
             bar.update(planned.task.nbytes, at)
 
 
-def _check_count(name: str, value, minimum: int, example: str) -> None:
+def check_count(name: str, value, minimum: int, example: str) -> None:
+    """An integer option (None: not given) of at least `minimum`. --seed's minimum is 0: Python's random.seed
+    takes the absolute value of an int, so -3 would make the same data as 3."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
         raise UserError(f"--{name} must be an integer >= {minimum}, got {value!r}; e.g. --{name} {example}")
 
@@ -348,15 +351,14 @@ def prepare(
         raise UserError(EXAMPLES_ONLY_FOR_TASKS)
     t0 = time.perf_counter()
     workers = default_workers() if workers is None else workers
-    _check_count("workers", workers, 1, "2")
-    _check_count("max-docs", max_docs, 1, "1000")
-    _check_count("bpe-sample-bytes", bpe_sample_bytes, 1, str(DEFAULT_BPE_SAMPLE_BYTES))
+    check_count("workers", workers, 1, "2")
+    check_count("max-docs", max_docs, 1, "1000")
+    check_count("bpe-sample-bytes", bpe_sample_bytes, 1, str(DEFAULT_BPE_SAMPLE_BYTES))
+    check_count("seed", seed, 0, str(DEFAULT_SEED))
     given = tokenizer_from_path(tokenizer) if is_tokenizer_path(tokenizer) else None
     kind, bpe_vocab_size = _check_request(tokenizer, vocab_size, val_fraction, given)
     if bpe_sample_bytes is not None and kind != "bpe":
         raise UserError(f"--bpe-sample-bytes applies only to --tokenizer bpe (the {kind} tokenizer is not trained); drop it")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {seed!r}; e.g. {DEFAULT_SEED}")
     corpus = read_corpus(source, input_path, data_root, log, text_key)
     if corpus.one_document and max_docs is not None:
         raise UserError(f"--max-docs applies to a corpus of documents; {corpus.path} is one document: drop it")
@@ -395,7 +397,6 @@ def prepare(
         with DatasetWriter(out_dir, tok.vocab_size) as writer:
             eot = None if corpus.one_document else tok.eot_token
             encode_corpus(writer, plan(encodes_in_pieces(tok)), tok, eot, documents, workers, bar)
-            bar.close()
             _check_splits(writer, corpus, documents.count)
             meta = {
                 "source": corpus.label,

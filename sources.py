@@ -223,20 +223,20 @@ class Texts:
 
 @dataclass
 class Corpus:
-    """A source to prepare. A one-document corpus (one text file) is split by its text (split_text) and read as
-    spans of `files[0]`; any other lists its tasks in order with `tasks(cut)`, where `cut` says whether a document
-    may be cut into pieces (at safe cuts), and is split by whole documents."""
+    """A source to prepare. A one-document corpus (`text_file`) is split by its text (split_text) and read as spans
+    of that file; any other lists its tasks in order with `tasks(cut)`, where `cut` says whether a document may be
+    cut into pieces (at safe cuts), and is split by whole documents."""
     name: str  # the default output folder is data/<name>_<tokenizer>
     label: str  # human-readable, stored in meta.json
     path: str  # the file or folder read (or hf:NAME)
     sha256: str  # the corpus's identity: its bytes' hash (hf: of its name), for reusing a prepared folder
     nbytes: int | None  # bytes to read, for the progress bar (None: unknown, a streamed dataset)
-    files: tuple[str, ...]  # the files read, in order
-    tasks: Callable[[bool], Iterator] | None = field(default=None, repr=False)  # None: one document
+    text_file: str | None = None  # a one-document corpus's file
+    tasks: Callable[[bool], Iterator] | None = field(default=None, repr=False)  # any other corpus's tasks
 
     @property
     def one_document(self) -> bool:
-        return self.tasks is None
+        return self.text_file is not None
 
 
 def _file_sha256(paths: list[Path], names: bool) -> str:
@@ -301,7 +301,7 @@ def _text_file(path: Path, name: str, label: str, sha256: str | None = None) -> 
     if size == 0 or not _has_text(path):
         raise UserError(f"{path} holds no text (it is empty or whitespace only); pass a file with some text in it")
     return Corpus(name, label, str(path.resolve()), sha256 or _file_sha256([path], names=False), size,
-                  (str(path.resolve()),))
+                  text_file=str(path.resolve()))
 
 
 def _has_text(path: Path) -> bool:
@@ -325,7 +325,7 @@ def _folder(path: Path) -> Corpus:
         return group_spans(s for f, n in zip(files, sizes) for s in file_spans(f, 0, n, cut, True))
 
     return Corpus(name, str(path.resolve()), str(path.resolve()), _file_sha256(files, names=True), sum(sizes),
-                  tuple(map(str, files)), tasks)
+                  tasks=tasks)
 
 
 def _jsonl(path: Path, key: str) -> Corpus:
@@ -342,7 +342,7 @@ def _jsonl(path: Path, key: str) -> Corpus:
                 start = end
 
     return Corpus(_safe_name(path.stem), str(path.resolve()), str(path.resolve()), _file_sha256([path], names=False),
-                  size, (str(path.resolve()),), tasks)
+                  size, tasks=tasks)
 
 
 def import_pyarrow_parquet():
@@ -371,7 +371,7 @@ def _parquet(path: Path, key: str) -> Corpus:
                    for i in range(meta.num_row_groups)]
     name = path.stem if path.is_file() else path.resolve().name
     return Corpus(_safe_name(name), str(path.resolve()), str(path.resolve()), _file_sha256(files, names=True),
-                  sum(g.nbytes for g in groups), tuple(map(str, files)), lambda cut: iter(groups))
+                  sum(g.nbytes for g in groups), tasks=lambda cut: iter(groups))
 
 
 def _hf_dataset(source: str, key: str) -> Corpus:
@@ -411,7 +411,7 @@ def _hf_dataset(source: str, key: str) -> Corpus:
             yield Texts(tuple(batch), size)
 
     label = f"{source} (Hugging Face dataset, train split)"
-    return Corpus(_safe_name(spec.replace("/", "_")), label, source, _sha256(source.encode("utf-8")), None, (), tasks)
+    return Corpus(_safe_name(spec.replace("/", "_")), label, source, _sha256(source.encode("utf-8")), None, tasks=tasks)
 
 
 def _download(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
