@@ -16,6 +16,14 @@ from collections import defaultdict
 import torch
 
 
+def closure_loss(closure):
+    """What torch's optimizers do with step()'s closure: evaluate it with gradients on and return its loss."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BlockMuon(torch.optim.Muon):
     """torch's Muon, where a group may name `row_blocks` (row counts summing to each of its matrices' rows): each
     block of rows is orthogonalised (and its lr adjusted to its shape) as a matrix of its own.
@@ -34,10 +42,7 @@ class BlockMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             by_shape = defaultdict(list)  # a wide shape -> the (weight block, update block) pairs of that shape
@@ -96,10 +101,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
