@@ -394,10 +394,15 @@ def run_process(cmd: Sequence[str], cwd: Path, what: str) -> str:
     except OSError as e:
         raise UserError(f"cannot run {what}: {e.strerror or e}") from None
     if proc.returncode:
-        tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-2:])[-300:]
-        raise UserError(f"{what} failed with exit code {proc.returncode}: {tail or 'nothing on stderr'} "
-                        f"[ran: cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}]")
+        raise process_failed(what, cmd, cwd, proc.returncode, proc.stderr)
     return proc.stdout
+
+
+def process_failed(what: str, cmd: Sequence[str], cwd: Path, code: int, stderr: str) -> UserError:
+    """The one line for a command that failed: its code, the last lines of its stderr, and how to rerun it."""
+    tail = " | ".join(line.strip() for line in stderr.strip().splitlines()[-2:])[-300:]
+    return UserError(f"{what} failed with exit code {code}: {tail or 'nothing on stderr'} "
+                     f"[ran: cd {shlex.quote(str(cwd))} && {shlex.join(cmd)}]")
 
 
 def check_nanogpt_dir(nanogpt_dir: Path) -> None:
@@ -805,19 +810,21 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_with_peak_rss(cmd: Sequence[str], cwd: Path | None = None, every_s: float = 0.05) -> tuple[float, int, str]:
-    """Run a command; its wall time, the peak of its RSS summed over its process tree (sampled), and its stderr."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss_bytes(proc.pid))
-        time.sleep(every_s)
-    seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
-    if proc.returncode:
-        raise UserError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): {err.strip().splitlines()[-1:]}")
-    return seconds, peak, err
+def run_with_peak_rss(cmd: Sequence[str], cwd: Path, what: str, every_s: float = 0.05) -> tuple[float, int]:
+    """Run a command to completion: its wall time and the peak of its RSS summed over its process tree (sampled);
+    a failure becomes one UserError line, as in run_process."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a long run's log cannot fill it and block
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_bytes(proc.pid))
+            time.sleep(every_s)
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            err.seek(0)
+            raise process_failed(what, cmd, cwd, proc.returncode, err.read())
+    return seconds, peak
 
 
 def tiktoken_batch_baseline(files: Sequence[Path], threads: int, batch_bytes: int = 64 << 20) -> dict:
@@ -860,7 +867,7 @@ def bench_prepare(folder: Path, workers: int | None = None, repeats: int = 1,
             log(f"[prepare {r + 1}/{repeats}] tiktoken encode_ordinary_batch, {cores} threads")
             theirs.append(tiktoken_batch_baseline(files, cores))
             log(f"[prepare {r + 1}/{repeats}] {shlex.join(cmd[2:])}")
-            seconds, peak, _ = run_with_peak_rss(cmd, REPO_ROOT)
+            seconds, peak = run_with_peak_rss(cmd, REPO_ROOT, "minigpt prepare")
             ours.append({"seconds": seconds, "peak_rss_mb": peak / 1e6})
         meta = read_meta(Path(tmp) / "out")
     nbytes = theirs[0]["bytes"]
@@ -880,12 +887,14 @@ def bench_prepare(folder: Path, workers: int | None = None, repeats: int = 1,
 
 
 def format_prepare(result: dict) -> str:
-    m, t = result["minigpt"], result["tiktoken"]
-    return (f"corpus: {result['corpus']['documents']:,} documents, {result['corpus']['bytes'] / 1e6:,.0f} MB; "
-            f"{result['machine']['cpus']} cores; median of {result['repeats']} run(s) each, alternating\n"
-            f"minigpt prepare: {m['seconds']:7.1f} s  {m['mb_per_s']:6.1f} MB/s  {m['tokens']:,} tokens  "
-            f"peak RSS {m['peak_rss_mb']:,.0f} MB over all its processes ({m['workers']} workers)\n"
-            f"tiktoken batch:  {t['seconds']:7.1f} s  {t['mb_per_s']:6.1f} MB/s  {t['tokens']:,} tokens "
-            f"({t['threads']} threads)\n"
-            f"ratio: {result['ratio']:.2f}x tiktoken's throughput; tokens = tiktoken's + one eot per document: "
-            f"{result['tokens_match']}")
+    """The table of bench_prepare: each tool's median time, MB/s and tokens, then the ratio and prepare's memory."""
+    m, t, c = result["minigpt"], result["tiktoken"], result["corpus"]
+    rows = [("", "seconds", "MB/s", "tokens"),
+            (f"minigpt prepare, {m['workers']} workers", f"{m['seconds']:.1f}", f"{m['mb_per_s']:.1f}", f"{m['tokens']:,}"),
+            (f"tiktoken encode_ordinary_batch, {t['threads']} threads", f"{t['seconds']:.1f}", f"{t['mb_per_s']:.1f}",
+             f"{t['tokens']:,}")]
+    return "\n".join([
+        f"corpus: {c['documents']:,} documents, {c['bytes'] / 1e6:,.0f} MB; {result['machine']['cpus']} cores; "
+        f"median of {result['repeats']} run(s) each, alternating", "", *_aligned(rows, left=(0,)), "",
+        f"ratio: {result['ratio']:.2f}x tiktoken's throughput; prepare's peak RSS {m['peak_rss_mb']:,.0f} MB over "
+        f"all its processes; tokens = tiktoken's + one eot per document: {result['tokens_match']}"])
