@@ -511,16 +511,15 @@ def _chars_between(f, start: int, end: int) -> int:
     return n
 
 
-def _byte_of_char(f, index: int, size: int) -> int:
-    """The byte offset of character `index` (size: past the last)."""
-    seen, pos = 0, 0
-    f.seek(0)
-    while pos < size:
-        block = f.read(HASH_BLOCK)
-        starts = np.flatnonzero(_char_starts(block))
-        if seen + len(starts) > index:
-            return pos + int(starts[index - seen])
-        seen, pos = seen + len(starts), pos + len(block)
+def _byte_of_char(f, index: int, block_chars: list[int], size: int) -> int:
+    """The byte offset of character `index` (size: past the last), given the characters in each HASH_BLOCK block
+    of the file: only the block that holds it is read again."""
+    seen = 0
+    for i, count in enumerate(block_chars):
+        if seen + count > index:
+            f.seek(i * HASH_BLOCK)
+            return i * HASH_BLOCK + int(np.flatnonzero(_char_starts(f.read(HASH_BLOCK)))[index - seen])
+        seen += count
     return size
 
 
@@ -554,9 +553,9 @@ def split_text(path: str | Path, val_fraction: float) -> int:
     """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        total = _chars_between(f, 0, size)
-        n = int(total * (1 - val_fraction))
-        at = _byte_of_char(f, n, size)
+        block_chars = [int(_char_starts(block).sum()) for block in iter(lambda: f.read(HASH_BLOCK), b"")]
+        n = int(sum(block_chars) * (1 - val_fraction))
+        at = _byte_of_char(f, n, block_chars, size)
         candidates = [i + 1 for i in (_newline_after(f, at, size), _newline_before(f, at)) if i != -1 and 0 < i + 1 < size]
         if not candidates:
             return at
