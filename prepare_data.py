@@ -388,7 +388,7 @@ def prepare(
     elif kind == "gpt2":
         tok = gpt2_tokenizer()
     else:
-        log(f"training a {bpe_vocab_size}-token BPE with rustbpe on up to {sample / 1e6:,.0f} MB of the train text")
+        log(f"training a {bpe_vocab_size}-token BPE with rustbpe on up to {sample:,} bytes of the train text")
         tok = train_bpe(bpe_sample(plan(), ValDraw(seed, val_fraction), max_docs, sample), bpe_vocab_size, log)
 
     documents = Documents(ValDraw(seed, val_fraction), max_docs)

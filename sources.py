@@ -19,6 +19,7 @@ Only the main process lists tasks, and only workers read text, so memory stays b
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import urllib.request
@@ -383,6 +384,9 @@ def _hf_dataset(source: str, key: str) -> Corpus:
         import datasets
     except ImportError:
         raise UserError(f"hf: sources need the `datasets` library, which is not installed: {DATA_EXTRA}") from None
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would be lines of their own before our one
     try:
         stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
         first = next(iter(stream), None)
@@ -391,6 +395,8 @@ def _hf_dataset(source: str, key: str) -> Corpus:
         raise UserError(f"could not open the Hugging Face dataset {spec!r} ({reason}); it is streamed from the hub, "
                         "which needs the network: where there is none, download its .parquet files and pass their "
                         "folder") from None
+    finally:
+        hub_log.setLevel(level)
     if first is not None and key not in first:
         keys = ", ".join(map(str, first)) or "none"
         raise UserError(f"the dataset {spec!r} has no {key!r} column (it has: {keys}); pass --text-key COLUMN")
