@@ -520,12 +520,16 @@ def bench_prepare(
     import sources
     from errors import UserError
 
-    if generate_mb is not None:
-        text = sources.shakespeare_file(input, sources.DATA_ROOT, lambda s: typer.echo(s, err=True))
-        n = bench.write_repeated_corpus(folder, text, generate_mb * 10**6)
-        typer.echo(f"{folder}: {n} documents", err=True)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if input is not None and not input.is_file():
+        raise UserError(f"--input {input} is not a file; pass the text --generate-mb should copy")
+    if generate_mb is not None:
+        if generate_mb < 1:
+            raise UserError(f"--generate-mb must be at least 1, got {generate_mb}")
+        text = input or sources.shakespeare_file(None, sources.DATA_ROOT, lambda s: typer.echo(s, err=True))
+        n = bench.write_repeated_corpus(folder, text, generate_mb * 10**6)
+        typer.echo(f"{folder}: {n} documents", err=True)
     result = bench.bench_prepare(folder, workers, repeats, log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(result, indent=2) if as_json else bench.format_prepare(result))
 

@@ -496,5 +496,7 @@ def test_bench_prepare_reports_both_tools_over_the_same_documents(tmp_path, corp
     assert result["minigpt"]["peak_rss_mb"] > 30 and result["ratio"] > 0
     out = CliRunner().invoke(app, ["bench", "prepare", str(folder), "--repeats", "0"])
     assert out.exit_code == 2 and "--repeats must be at least 1" in out.output
+    out = CliRunner().invoke(app, ["bench", "prepare", str(folder), "--generate-mb", "1", "--input", str(tmp_path / "none")])
+    assert out.exit_code == 2 and "is not a file; pass the text --generate-mb should copy" in out.output
     text = bench.format_prepare(result)
     assert "tiktoken's + one eot per document: True" in text and "median of 2 run(s)" in text
