@@ -12,14 +12,16 @@ does). Source/target pairs (task:NAME, .tsv, .jsonl of pairs) have their own pip
 """
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,6 +78,22 @@ def chars_task(task) -> tuple[list[str], list[bool]]:
     return ["".join(set(text)) for text, _ in pieces], [ends for _, ends in pieces]
 
 
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C held back until the block ends (POSIX). A worker process started halfway when Ctrl-C ends this one
+    finds its queues gone and prints a traceback; threads and processes started inside keep SIGINT blocked, so
+    the pool's threads never take it from the main thread and the workers never see it: the main process alone
+    stops them, cleanly."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Workers:
     """Runs tasks in order on `n` processes (or in this one, for n = 1), at most IN_FLIGHT_PER_WORKER each in
     flight, and gives their results in order. Leaving the `with` (done, an error, Ctrl-C) cancels what has not
@@ -89,7 +107,10 @@ class Workers:
         else:  # forkserver: a clean process per worker, and no fork of a parent that may hold threads
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
             spec = tokenizer.spec if tokenizer is not None else None
-            self.pool = ProcessPoolExecutor(n, multiprocessing.get_context(method), _start_worker, (spec,))
+            with sigint_deferred():  # the fork server, started here, and its children inherit the blocked SIGINT
+                if method == "forkserver":
+                    multiprocessing.forkserver.ensure_running()
+                self.pool = ProcessPoolExecutor(n, multiprocessing.get_context(method), _start_worker, (spec,))
 
     def __enter__(self) -> "Workers":
         return self
@@ -105,7 +126,8 @@ class Workers:
             return
         pending = deque()
         for p in plan:
-            pending.append((p, self.pool.submit(fn, p.task, *args)))
+            with sigint_deferred():  # a submit may start a worker process: never cut in half
+                pending.append((p, self.pool.submit(fn, p.task, *args)))
             if len(pending) >= IN_FLIGHT_PER_WORKER * self.n:
                 yield self._next(pending)
         while pending:
